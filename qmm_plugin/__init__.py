@@ -1,0 +1,15 @@
+"""qmm_plugin: Quotient Manifold Modeling (QMM) as a drop-in PyTorch plugin.
+
+``q = qmm_plugin.convert(generator, num_biases=A)`` turns every ``nn.Linear`` of a user's
+generator or decoder into a shared-weight, A-bias layer: A generators that share every weight and
+differ only in their biases. Add ``lam * q.ba_regularizer()`` (Eq. 2) to the generator loss so
+that one encoder inverts all A generators; ``q.invert(x)`` (Eq. 3) then encodes images, including
+images off every trained manifold, into new, derived manifolds.
+"""
+
+from .convert import QuotientModel, convert
+from .layer import ManifoldSelection, MultiBiasLinear
+from .regularizer import align_biases_
+
+__all__ = ["convert", "QuotientModel", "MultiBiasLinear", "ManifoldSelection", "align_biases_"]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""The batched-bias linear op underneath every :class:`~qmm_plugin.MultiBiasLinear`.
+
+QMM's A generators share every weight and differ only in the biases of their linear layers, so
+a minibatch in which sample ``b`` lives on manifold ``index[b]`` is still one matrix product:
+
+.. math::
+
+    y_b = W x_b + a^{(\\mathrm{index}_b)}, \\qquad b = 1..B,
+
+computed here as a single ``addmm`` whose additive input is the gathered bias rows
+(``bank.index_select(0, index)``), whatever A is. The backward pass is the ordinary linear
+backward for ``x`` and ``W`` plus a segment sum for the bias bank:
+``grad_bank = zeros(A, out).index_add_(0, index, grad_y)``.
+
+Two forms are registered with :func:`torch.library.custom_op` (fake impl + autograd), so they
+pass :func:`torch.library.opcheck` and trace into ``torch.compile(fullgraph=True)`` graphs as
+single nodes:
+
+* ``multi_bias_linear(x, weight, bank, index)``: biases chosen from a bank by manifold index;
+* ``sample_bias_linear(x, weight, bias)``: explicit per-sample bias rows ``(B, out)`` (inversion
+  and derived manifolds, Eq. 3, where each image carries free biases).
+
+``x`` may be ``(B, in)`` or ``(B, ..., in)``; a sample's bias is broadcast over its middle dims.
+A device-specific kernel (e.g. Triton on CUDA, :mod:`qmm_plugin._triton`) can be registered for
+the same ops with ``register_kernel``; the reference implementation below serves every device.
+
+Example::
+
+    >>> import torch
+    >>> from qmm_plugin.ops import multi_bias_linear
+    >>> x, w, bank = torch.randn(4, 3), torch.randn(5, 3), torch.randn(2, 5)
+    >>> idx = torch.tensor([0, 1, 1, 0])
+    >>> y = multi_bias_linear(x, w, bank, idx)
+    >>> torch.allclose(y[1], w @ x[1] + bank[1], atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["multi_bias_linear", "sample_bias_linear"]
+
+
+def _affine_rows(x: Tensor, weight: Tensor, bias_rows: Tensor) -> Tensor:
+    """``x @ weight.T`` plus one bias row per sample (dim 0), broadcast over middle dims."""
+    if x.dim() == 2:
+        return torch.addmm(bias_rows, x, weight.t())
+    batch = x.shape[0]
+    y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t()).view(batch, -1, weight.shape[0])
+    y.add_(bias_rows.unsqueeze(1))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_input_grads(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool
+                        ) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``x @ weight.T`` w.r.t. ``x`` and ``weight``."""
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = torch.mm(g2, weight).view(x.shape) if need_x else None
+    grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
+    return grad_x, grad_w
+
+
+def _per_sample(grad: Tensor) -> Tensor:
+    """Sum a ``(B, ..., out)`` gradient over its middle dims: ``(B, out)``."""
+    return grad if grad.dim() == 2 else grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
+
+
+def _check_shapes(x: Tensor, weight: Tensor, rows: int, what: str) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"qmm_plugin.ops: x must be (B, ..., in_features), got shape {tuple(x.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"qmm_plugin.ops: x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
+    if rows != x.shape[0]:
+        raise ValueError(f"qmm_plugin.ops: {what} has {rows} rows but the batch has {x.shape[0]}")
+
+
+# --------------------------------------------------------------------------------- bank + index
+@torch.library.custom_op("qmm::multi_bias_linear", mutates_args=())
+def multi_bias_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tensor:
+    """``y[b] = weight @ x[b] + bank[index[b]]`` for the whole batch in one matmul.
+
+    Args:
+        x: ``(B, in)`` or ``(B, ..., in)``.
+        weight: ``(out, in)``, shared by all manifolds.
+        bank: ``(A, out)``, the bias bank (one row per manifold).
+        index: ``(B,)`` integer manifold index per sample, values in ``[0, A)``.
+    """
+    _check_shapes(x, weight, index.shape[0], "index")
+    return _affine_rows(x, weight, bank.index_select(0, index))
+
+
+@multi_bias_linear.register_fake
+def _(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _mbl_setup(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    x, weight, bank, index = inputs
+    ctx.save_for_backward(x, weight, index)
+    ctx.num_biases = bank.shape[0]
+
+
+def _mbl_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, index = ctx.saved_tensors
+    need_x, need_w, need_bank, _ = ctx.needs_input_grad
+    grad_x, grad_w = _linear_input_grads(grad, x, weight, need_x, need_w)
+    grad_bank = None
+    if need_bank:  # segment sum over the samples of each manifold
+        grad_bank = grad.new_zeros(ctx.num_biases, grad.shape[-1]).index_add_(0, index, _per_sample(grad))
+    return grad_x, grad_w, grad_bank, None
+
+
+multi_bias_linear.register_autograd(_mbl_backward, setup_context=_mbl_setup)
+
+
+# ------------------------------------------------------------------------ explicit per-sample rows
+@torch.library.custom_op("qmm::sample_bias_linear", mutates_args=())
+def sample_bias_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``y[b] = weight @ x[b] + bias[b]``: explicit bias rows ``(B, out)``, one per sample.
+
+    The explicit form of :func:`multi_bias_linear`, used when each sample carries its own free
+    biases (inversion, Eq. 3; derived manifolds). ``bias`` must be ``(B, out)``.
+    """
+    _check_shapes(x, weight, bias.shape[0], "bias")
+    return _affine_rows(x, weight, bias)
+
+
+@sample_bias_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _sbl_setup(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _sbl_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_bias = ctx.needs_input_grad
+    grad_x, grad_w = _linear_input_grads(grad, x, weight, need_x, need_w)
+    return grad_x, grad_w, (_per_sample(grad) if need_bias else None)
+
+
+sample_bias_linear.register_autograd(_sbl_backward, setup_context=_sbl_setup)

@@ -1,0 +1,121 @@
+r"""The bias-aligning regularizer (Eq. 2), the tangential spread it bounds (Theorem 1), and exact
+alignment of bias banks (Proposition 1's hypothesis, enforced as a hard constraint).
+
+For a converted layer with shared weight :math:`W` (``(out, in)``; the paper's :math:`U`) and
+bias bank :math:`a^{(1..A)}`, write :math:`\bar a` for the bank mean. Proposition 1 needs the
+*tangential components* :math:`a_\parallel^{(i)} = P a^{(i)}`, with :math:`P = W W^+` the
+projector onto the column space of :math:`W`, to coincide. Theorem 1 bounds their spread by a
+quantity that needs no inverse:
+
+.. math::
+
+    \operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)})
+      \;\ge\; \frac{\operatorname{tr}\operatorname{cov}_i(a_\parallel^{(i)})}
+                   {\operatorname{tr}((W^\top W)^{-1})},
+
+and Eq. 2 minimises the log of the left side summed over layers:
+
+.. math::
+
+    R_{BA} = \sum_l \log\big(\operatorname{tr}\operatorname{cov}_i(W_l^\top a_l^{(i)}) + \epsilon\big),
+    \qquad
+    \operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)}) = \frac{1}{A-1}\sum_i \lVert W^\top (a^{(i)} - \bar a)\rVert^2 .
+
+Choices the paper leaves open (documented here, tested in ``tests/test_regularizer.py``):
+
+* ``epsilon`` (default ``1e-8``) inside the log: identical biases give ``log(eps)`` and a zero
+  gradient instead of ``-inf``/NaN;
+* ``A = 1``: the covariance of one sample is taken as 0 (divide by ``max(A - 1, 1)``), so
+  ``R_BA = log(eps)`` per layer with zero gradient — a plain WGAN pays nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .layer import MultiBiasLinear
+
+__all__ = ["bias_spread", "ba_regularizer_terms", "tangential_spread", "tangential_basis", "align_biases_"]
+
+DEFAULT_EPS = 1e-8
+
+
+def bias_spread(weight: Tensor, bank: Tensor) -> Tensor:
+    r""":math:`\operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)})` for one layer (differentiable).
+
+    ``weight``: ``(out, in)``; ``bank``: ``(A, out)``. Unbiased covariance; 0 for ``A = 1``.
+    """
+    centred = bank - bank.mean(0, keepdim=True)
+    projected = centred @ weight  # rows: W^T (a_i - a_bar)
+    return projected.pow(2).sum() / max(bank.shape[0] - 1, 1)
+
+
+def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEFAULT_EPS) -> dict[str, Tensor]:
+    """Per-layer terms ``log(tr cov(W_l^T a_l) + eps)`` of Eq. 2, keyed by layer path."""
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0 so that identical biases give a finite R_BA, got {eps}")
+    return {path: torch.log(bias_spread(m.weight, m.bias_bank) + eps) for path, m in layers.items()}
+
+
+def tangential_basis(weight: Tensor, rtol: float | None = None) -> Tensor:
+    """Orthonormal basis ``Q`` (``(out, r)``, float64) of the column space of ``weight``.
+
+    ``Q Q^T`` is the projector onto the tangential space; ``r`` is the numerical rank.
+    """
+    u, s, _ = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    tol = (rtol if rtol is not None else max(weight.shape) * torch.finfo(weight.dtype).eps) * s.max()
+    return u[:, s > tol]
+
+
+def tangential_spread(layers: Mapping[str, MultiBiasLinear]) -> dict[str, float]:
+    r"""Exact :math:`\operatorname{tr}\operatorname{cov}_i(a_\parallel^{(i)})` per layer, in float64.
+
+    The quantity Theorem 1 bounds; for monitoring (not differentiable). Zero means the bank
+    satisfies Proposition 1 exactly.
+    """
+    out: dict[str, float] = {}
+    for path, m in layers.items():
+        q = tangential_basis(m.weight)
+        bank = m.bias_bank.detach().double()
+        coords = (bank - bank.mean(0, keepdim=True)) @ q  # coordinates of a_par - mean in the basis
+        out[path] = float(coords.pow(2).sum() / max(bank.shape[0] - 1, 1))
+    return out
+
+
+@torch.no_grad()
+def align_biases_(model: object) -> object:
+    r"""Make the tangential components of every bias bank coincide exactly, in place.
+
+    Each row becomes :math:`a^{(i)} - P(a^{(i)} - \bar a)`: its normal component is kept and its
+    tangential component is replaced by the bank mean's, :math:`P\bar a`. Afterwards
+    :func:`tangential_spread` is 0 (to float precision) and Proposition 1 applies, so one encoder
+    inverts every manifold. A hard-constraint alternative to the regularizer (beyond the paper).
+
+    Args:
+        model: a :class:`~qmm_plugin.QuotientModel`, or any module containing MultiBiasLinear layers.
+
+    Returns:
+        ``model``.
+
+    Example::
+
+        >>> import torch, qmm_plugin
+        >>> q = qmm_plugin.convert(torch.nn.Sequential(torch.nn.Linear(2, 6)), num_biases=3)
+        >>> _ = qmm_plugin.align_biases_(q)
+        >>> max(q.tangential_spread().values()) < 1e-10
+        True
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"align_biases_ expects an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, MultiBiasLinear)]
+    if not layers:
+        raise ValueError("align_biases_: the model has no MultiBiasLinear layer; call qmm_plugin.convert first")
+    for m in layers:
+        q = tangential_basis(m.weight)
+        bank = m.bias_bank.double()
+        centred = bank - bank.mean(0, keepdim=True)
+        m.bias_bank.copy_(bank - (centred @ q) @ q.t())
+    return model
