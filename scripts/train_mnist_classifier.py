@@ -46,7 +46,15 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N,28,28), labels int64 (N,)) for split 'train' or 't10k'/'test'."""
+    """(images uint8 (N,28,28), labels int64 (N,)) for split 'train' or 'test'.
+
+    Uses ``qmm_plugin.data.load_mnist`` when available, else the private reader above."""
+    try:
+        from qmm_plugin.data import load_mnist
+    except ImportError:
+        load_mnist = None
+    if load_mnist is not None:
+        return load_mnist(data_dir, "train" if split == "train" else "test")
     prefix = "train" if split == "train" else "t10k"
     imgs = _read_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz")
@@ -91,7 +99,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     xtr_u8, ytr = load_split(args.data_dir, "train")
-    xte_u8, yte = load_split(args.data_dir, "t10k")
+    xte_u8, yte = load_split(args.data_dir, "test")
     xtr, xte = to_input(xtr_u8), to_input(xte_u8)
 
     model = MNISTClassifier()
