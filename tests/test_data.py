@@ -306,3 +306,31 @@ def test_load_image_folder_errors(tmp_path: Path) -> None:
         load_image_folder(tmp_path / "broken", size=8, channels=3)
     with pytest.raises(ValueError, match="channels"):
         load_image_folder(tmp_path, size=8, channels=2)  # type: ignore[arg-type]
+
+
+def _axis_angle_deg(img: torch.Tensor) -> float:
+    """Angle of the principal axis of the ink (second moments), in degrees from horizontal."""
+    w = img.float()
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    m = w.sum()
+    my, mx = (w * ys).sum() / m, (w * xs).sum() / m
+    cyy = (w * (ys - my) ** 2).sum() / m
+    cxx = (w * (xs - mx) ** 2).sum() / m
+    cxy = (w * (xs - mx) * (ys - my)).sum() / m
+    import math
+
+    return math.degrees(0.5 * math.atan2(2 * float(cxy), float(cxx - cyy)))
+
+
+def test_render_letters_affine_jitter() -> None:
+    # a horizontal bar: shear leaves it horizontal, so its tilt spread comes from rotation
+    bars, _ = render_letters(30, seed=0, letters="-")
+    angles = torch.tensor([_axis_angle_deg(b) for b in bars])
+    assert angles.abs().max() < 25 and angles.std() > 4, angles
+    # a vertical bar: rotation + shear tilt it
+    ies, _ = render_letters(30, seed=0, letters="I")
+    tilt = torch.tensor([_axis_angle_deg(i) for i in ies]).abs().sub(90).abs()
+    assert tilt.std() > 4 and tilt.max() < 45, tilt
+    # stroke width / scale jitter: ink amount of the same letter varies
+    ink = (ies > 128).flatten(1).sum(1).float()
+    assert ink.std() / ink.mean() > 0.1, ink
