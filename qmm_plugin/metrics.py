@@ -328,7 +328,8 @@ def apply_transform(
     Strength 0 is the identity. Implemented with ``F.affine_grid``/``F.grid_sample`` (bilinear,
     ``align_corners=False``); pixels sampled from outside the image get ``fill`` (the background,
     -1 for images in [-1, 1]).
-    Input contract: images (B, C, H, W) float. Output: same shape and dtype.
+    Input contract: images (B, C, H, W), float (integer images are converted to float32 and
+    returned as float32). Output: same shape; same dtype for floating inputs.
     """
     if images.ndim != 4:
         raise ValueError(f"expected (B, C, H, W) images, got {tuple(images.shape)}")
@@ -341,11 +342,11 @@ def apply_transform(
         theta = [[1.0 / (1.0 + s), 0.0, 0.0], [0.0, 1.0, 0.0]]
     else:
         raise ValueError(f"unknown transform {transform!r}; expected 'slant' or 'width'")
-    x = images.float() if not images.is_floating_point() else images
+    x = images if images.is_floating_point() else images.float()
     th = torch.tensor(theta, dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(th, list(x.shape), align_corners=False)
     out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (out + fill).to(images.dtype) if images.is_floating_point() else out + fill
+    return out + fill
 
 
 def disentanglement_score_from_codes(codes: Tensor) -> float:
@@ -390,8 +391,10 @@ def disentanglement_score(
     centred codes (:func:`disentanglement_score_from_codes`).
 
     Input contract: ``images`` (N, C, H, W) float in the range ``encode`` expects (background
-    ``fill``); ``encode`` maps (B, C, H, W) to codes (B, D) with D >= 2 (extra dims flattened).
-    If fewer than ``num_images`` images are given, all are used.
+    ``fill``); ``encode`` maps (B, C, H, W) to codes (B, D) with D >= 2 (extra dims flattened)
+    and is called under ``torch.no_grad()`` (put a module encoder in eval mode first: BatchNorm
+    in train mode would couple the images of a batch). If fewer than ``num_images`` images are
+    given, all are used.
     """
     if max_strength is None:
         max_strength = DEFAULT_MAX_STRENGTH[transform]
