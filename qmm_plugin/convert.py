@@ -190,11 +190,7 @@ class QuotientModel(nn.Module):
                             "use manifold.long()")
         if manifold.dim() != 1:
             raise ValueError(f"manifold tensor must be 1-D with one entry per sample, got shape {tuple(manifold.shape)}")
-        if not torch.compiler.is_compiling() and manifold.numel() > 0:
-            lo, hi = int(manifold.min()), int(manifold.max())
-            if lo < 0 or hi >= a:
-                raise ValueError(f"manifold index out of range: values span {lo}..{hi} but this model has "
-                                 f"A={a} manifolds (valid 0..{a - 1})")
+        # length, device and range are checked by the first layer, where the batch is known
 
     def _check_biases(self, biases: dict[str, Tensor], manifold: Manifold | None) -> None:
         if not isinstance(biases, dict):

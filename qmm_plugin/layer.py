@@ -44,7 +44,9 @@ class ManifoldSelection:
     index: Tensor | None = field(default=None)
 
     def resolve_index(self, batch: int, device: torch.device, path: str) -> Tensor:
+        """The ``(B,)`` manifold index for a layer at ``path`` seeing a batch of ``batch`` on ``device``."""
         index = self.index
+        first = index is None
         if index is None:
             if self.manifold is None:
                 index = torch.randint(0, self.num_biases, (batch,), device=device)
@@ -62,6 +64,12 @@ class ManifoldSelection:
             raise ValueError(
                 f"layer '{path}': the manifold index is on {index.device} but the input is on "
                 f"{device}; move the index with .to({str(device)!r})")
+        if first and isinstance(self.manifold, Tensor) and batch > 0 and not torch.compiler.is_compiling():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= self.num_biases:
+                raise ValueError(
+                    f"manifold index out of range: values span {lo}..{hi} but this model has "
+                    f"A={self.num_biases} manifolds (valid 0..{self.num_biases - 1})")
         return index
 
 
@@ -105,22 +113,22 @@ class MultiBiasLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_biases: int, init_std: float | None) -> MultiBiasLinear:
-        """A layer whose weight is ``linear``'s and whose every bank row starts at its bias.
+        """A layer that takes over ``linear``'s weight Parameter and starts every bank row at its bias.
 
         Each row gets independent ``N(0, std^2)`` noise; ``init_std=None`` uses
         ``std = 1/sqrt(3 * in_features)``, the spread of nn.Linear's own default bias
         initialisation. A ``bias=False`` layer starts from zero.
         """
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, num_biases, device=w.device, dtype=w.dtype)
         std = 1.0 / math.sqrt(3 * max(linear.in_features, 1)) if init_std is None else init_std
         with torch.no_grad():
-            layer.weight.copy_(w)
             base = linear.bias if linear.bias is not None else torch.zeros_like(w[:, 0])
-            layer.bias_bank.copy_(base.expand(num_biases, -1))
+            bank = base.detach().expand(num_biases, -1).clone()
             if std > 0:
-                layer.bias_bank.add_(torch.randn_like(layer.bias_bank) * std)
-        layer.weight.requires_grad_(w.requires_grad)
+                bank.add_(torch.randn_like(bank) * std)
+        layer = cls(linear.in_features, linear.out_features, num_biases, device="meta", dtype=w.dtype)
+        layer.weight = w  # the same Parameter: optimisers and code holding it keep working
+        layer.bias_bank = nn.Parameter(bank, requires_grad=linear.bias is None or linear.bias.requires_grad)
         return layer
 
     def to_linear(self, manifold: int) -> nn.Linear:
@@ -134,7 +142,7 @@ class MultiBiasLinear(nn.Module):
 
     def forward(self, x: Tensor, manifold: Manifold | None = None, bias: Tensor | None = None) -> Tensor:
         if bias is not None:
-            return sample_bias_linear(x, self.weight, bias.expand(x.shape[0], self.out_features))
+            return self._explicit(x, bias)
         sel = self.selection
         if manifold is not None:
             sel = ManifoldSelection(self.num_biases, manifold=manifold)
@@ -143,9 +151,14 @@ class MultiBiasLinear(nn.Module):
                 f"MultiBiasLinear '{self.path}' does not know which manifold to use: call it through "
                 "the QuotientModel returned by qmm_plugin.convert, or pass manifold= / bias=")
         if sel.biases is not None and self.path in sel.biases:
-            return sample_bias_linear(x, self.weight, sel.biases[self.path].expand(x.shape[0], self.out_features))
+            return self._explicit(x, sel.biases[self.path])
         index = sel.resolve_index(x.shape[0], x.device, self.path)
         return multi_bias_linear(x, self.weight, self.bias_bank, index)
+
+    def _explicit(self, x: Tensor, bias: Tensor) -> Tensor:
+        """Explicit bias rows: ``(out,)`` is shared by the batch, ``(B, out)`` is one row per sample."""
+        rows = bias.expand(x.shape[0], self.out_features) if bias.dim() == 1 else bias
+        return sample_bias_linear(x, self.weight, rows)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         bank = state_dict.get(prefix + "bias_bank")

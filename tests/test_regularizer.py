@@ -1,0 +1,157 @@
+"""Proposition 1, Theorem 1 and Eq. 2 checked against the math (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qmm_plugin
+from qmm_plugin.regularizer import bias_spread, tangential_basis
+
+dims = st.tuples(st.integers(1, 6), st.integers(1, 10)).map(lambda t: (t[0], t[0] + t[1]))  # d_z < d_x
+
+
+def _full_rank(d_x: int, d_z: int, rng: np.random.Generator) -> np.ndarray:
+    u = rng.standard_normal((d_x, d_z))
+    assert np.linalg.matrix_rank(u) == d_z
+    return u
+
+
+@settings(max_examples=50, deadline=None)
+@given(dims=dims, a=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_proposition1_single_layer(dims: tuple[int, int], a: int, seed: int) -> None:
+    """h_E(x) = W^T x + b with W = U (U^T U)^-1, b = -W^T a_par inverts every f_i(z) = U z + a_i."""
+    d_z, d_x = dims
+    rng = np.random.default_rng(seed)
+    u = _full_rank(d_x, d_z, rng)
+    proj = u @ np.linalg.solve(u.T @ u, u.T)  # projector onto col(U)
+    a_par = proj @ rng.standard_normal(d_x)
+    normals = (np.eye(d_x) - proj) @ rng.standard_normal((d_x, a))  # a_perp^(i), one column each
+    w = u @ np.linalg.inv(u.T @ u)
+    b = -w.T @ a_par
+    z = rng.standard_normal((d_z, 7))
+    for i in range(a):
+        x = u @ z + (a_par + normals[:, i])[:, None]
+        np.testing.assert_allclose(w.T @ x + b[:, None], z, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(dims=dims, a=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+def test_theorem1_inequality(dims: tuple[int, int], a: int, seed: int) -> None:
+    """tr cov(U^T a) >= tr cov(a_par) / tr((U^T U)^-1), with equality's harmonic-mean form."""
+    d_z, d_x = dims
+    rng = np.random.default_rng(seed)
+    u = _full_rank(d_x, d_z, rng)
+    biases = rng.standard_normal((a, d_x)) * rng.uniform(0.1, 3.0)
+    proj = u @ np.linalg.solve(u.T @ u, u.T)
+    lhs = np.trace(np.atleast_2d(np.cov((biases @ u).T)))
+    rhs_num = np.trace(np.atleast_2d(np.cov((biases @ proj).T)))
+    gram = u.T @ u
+    rhs = rhs_num / np.trace(np.linalg.inv(gram))
+    assert lhs >= rhs * (1 - 1e-9) - 1e-12
+    harmonic = d_z / np.sum(1.0 / np.linalg.eigvalsh(gram))
+    np.testing.assert_allclose(rhs, harmonic / d_z * rhs_num, rtol=1e-9)
+    # The library's exact tangential spread is the right side's numerator.
+    layer = qmm_plugin.MultiBiasLinear(d_z, d_x, a).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(u))
+        layer.bias_bank.copy_(torch.from_numpy(biases))
+    spread = qmm_plugin.regularizer.tangential_spread({"l": layer})["l"]
+    np.testing.assert_allclose(spread, rhs_num, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(float(bias_spread(layer.weight, layer.bias_bank).detach()), lhs, rtol=1e-9)
+
+
+def test_ba_regularizer_matches_float64_reference() -> None:
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(3, 16), nn.LeakyReLU(0.2), nn.Linear(16, 40)).double()
+    q = qmm_plugin.convert(g, num_biases=5)
+    expected = 0.0
+    for layer in q.multi_bias_layers().values():
+        w = layer.weight.detach().numpy()
+        bank = layer.bias_bank.detach().numpy()
+        cov = np.cov((bank @ w).T)  # rows of bank @ w are (W^T a_i)^T
+        expected += np.log(np.trace(cov) + 1e-8)
+    np.testing.assert_allclose(float(q.ba_regularizer()), expected, rtol=1e-10)
+    terms = q.ba_regularizer_terms()
+    assert set(terms) == {"0", "2"}
+    np.testing.assert_allclose(sum(float(t) for t in terms.values()), expected, rtol=1e-10)
+
+
+def test_ba_regularizer_gradient_reduces_spread() -> None:
+    """A few gradient steps on R_BA alone shrink the true tangential spread (Theorem 1 at work)."""
+    torch.manual_seed(1)
+    q = qmm_plugin.convert(nn.Sequential(nn.Linear(4, 32)), num_biases=6, init_std=1.0)
+    before = q.tangential_spread()["0"]
+    opt = torch.optim.Adam([q.model[0].bias_bank], lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        q.ba_regularizer().backward()
+        opt.step()
+    assert q.tangential_spread()["0"] < 0.01 * before
+
+
+@pytest.mark.parametrize("a", [1, 4])
+def test_degenerate_banks_are_finite(a: int) -> None:
+    """A = 1 and identical biases: finite R_BA = log(eps) per layer, finite (zero) gradients."""
+    q = qmm_plugin.convert(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5)), num_biases=a, init_std=0.0)
+    r = q.ba_regularizer(eps=1e-8)
+    r.backward()
+    assert torch.isfinite(r)
+    np.testing.assert_allclose(float(r), 2 * np.log(1e-8), rtol=1e-5)
+    for layer in q.multi_bias_layers().values():
+        assert torch.isfinite(layer.bias_bank.grad).all() and torch.isfinite(layer.weight.grad).all()
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        q.ba_regularizer(eps=0.0)
+
+
+def test_tangential_basis_handles_rank_deficient_weight() -> None:
+    w = torch.zeros(6, 3)
+    w[0, 0], w[1, 1] = 1.0, 2.0  # rank 2
+    q = tangential_basis(w)
+    assert q.shape == (6, 2)
+    torch.testing.assert_close(q.t() @ q, torch.eye(2, dtype=torch.float64))
+
+
+@settings(max_examples=15, deadline=None)
+@given(a=st.integers(1, 5), widths=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 10_000))
+def test_align_biases_makes_layerwise_inverse_exact(a: int, widths: list[int], seed: int) -> None:
+    """Multi-layer Proposition 1: an MLP of Linear + LeakyReLU with banks aligned by align_biases_
+    is inverted on every manifold by the layer-wise inverse x -> W^+ (leaky^-1(x) - a_bar)."""
+    torch.manual_seed(seed)
+    sizes = [2]
+    for w in widths:
+        sizes.append(sizes[-1] + w)  # strictly widening: full column rank
+    layers: list[nn.Module] = []
+    for fin, fout in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(fin, fout), nn.LeakyReLU(0.2)]
+    q = qmm_plugin.convert(nn.Sequential(*layers).double(), num_biases=a, init_std=1.0)
+    assert a == 1 or max(q.tangential_spread().values()) > 1e-3
+    qmm_plugin.align_biases_(q)
+    assert max(q.tangential_spread().values()) < 1e-18 + 1e-12
+    z = torch.randn(9, 2, dtype=torch.float64)
+    linears = list(q.multi_bias_layers().values())
+    with torch.no_grad():
+        for i in range(a):
+            h = q(z, manifold=i)
+            for layer in reversed(linears):
+                h = torch.where(h >= 0, h, h / 0.2)  # LeakyReLU^-1
+                h = torch.linalg.pinv(layer.weight) @ (h - layer.bias_bank.mean(0)).T
+                h = h.T
+            torch.testing.assert_close(h, z, rtol=1e-8, atol=1e-8)
+
+
+def test_align_biases_keeps_normal_components() -> None:
+    torch.manual_seed(0)
+    q = qmm_plugin.convert(nn.Sequential(nn.Linear(2, 7)).double(), num_biases=4, init_std=1.0)
+    layer = q.model[0]
+    basis = tangential_basis(layer.weight)
+    normal = lambda b: b - (b @ basis) @ basis.T  # noqa: E731
+    before = normal(layer.bias_bank.detach().clone())
+    qmm_plugin.align_biases_(q)
+    torch.testing.assert_close(normal(layer.bias_bank.detach()), before)
+    with pytest.raises(ValueError, match="no MultiBiasLinear"):
+        qmm_plugin.align_biases_(nn.Linear(2, 3))
