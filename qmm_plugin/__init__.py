@@ -7,9 +7,22 @@ that one encoder inverts all A generators; ``q.invert(x)`` (Eq. 3) then encodes 
 images off every trained manifold, into new, derived manifolds.
 """
 
+from . import data, io, metrics, models, ops, viz
 from .convert import QuotientModel, convert
 from .layer import ManifoldSelection, MultiBiasLinear
 from .regularizer import align_biases_
 
-__all__ = ["convert", "QuotientModel", "MultiBiasLinear", "ManifoldSelection", "align_biases_"]
+__all__ = [
+    "convert",
+    "QuotientModel",
+    "MultiBiasLinear",
+    "ManifoldSelection",
+    "align_biases_",
+    "data",
+    "io",
+    "metrics",
+    "models",
+    "ops",
+    "viz",
+]
 __version__ = "0.1.0"
