@@ -75,7 +75,7 @@ def test_ba_regularizer_matches_float64_reference() -> None:
         bank = layer.bias_bank.detach().numpy()
         cov = np.cov((bank @ w).T)  # rows of bank @ w are (W^T a_i)^T
         expected += np.log(np.trace(cov) + 1e-8)
-    np.testing.assert_allclose(float(q.ba_regularizer()), expected, rtol=1e-10)
+    np.testing.assert_allclose(float(q.ba_regularizer().detach()), expected, rtol=1e-10)
     terms = q.ba_regularizer_terms()
     assert set(terms) == {"0", "2"}
     np.testing.assert_allclose(sum(float(t) for t in terms.values()), expected, rtol=1e-10)
