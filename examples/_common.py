@@ -1,0 +1,364 @@
+"""Plumbing shared by the examples (one place, so the example scripts show only the model code).
+
+* :func:`add_common_args` — the flags every example takes (``--seed --device --data-dir --out
+  --steps --batch-size --resume --smoke ...``);
+* :func:`setup_distributed` — single process, or ``torchrun --nproc_per_node=N`` with
+  DistributedDataParallel (gloo on CPU, nccl on GPU); only rank 0 writes files;
+* :class:`ShardedBatches` — deterministic, rank-sharded minibatches: the batch of a step is a pure
+  function of ``(seed, step, rank)``, so a resumed run sees exactly the batches it would have seen;
+* :func:`rng_state` / :func:`set_rng_state` — torch (CPU, CUDA) and Python ``random`` states, per
+  rank, for exact ``--resume``;
+* :class:`MetricsLog` — rows of scalars written to ``metrics.csv`` and ``metrics.json``
+  (atomically; the rows travel in the checkpoint, so a resumed run continues the same files);
+* :class:`StopFlag` — Ctrl-C asks the training loop to stop at the next step boundary, where the
+  example writes a checkpoint before exiting (a second Ctrl-C aborts at once).
+
+The examples import this file as ``_common`` (they put their own folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from qmm_plugin.io import atomic_torch_save, atomic_write_text
+
+__all__ = [
+    "add_common_args",
+    "Dist",
+    "setup_distributed",
+    "cleanup_distributed",
+    "ShardedBatches",
+    "rng_state",
+    "set_rng_state",
+    "gather_rng_states",
+    "MetricsLog",
+    "StopFlag",
+    "CHECKPOINT_NAME",
+    "load_checkpoint",
+    "save_checkpoint",
+    "unwrap",
+    "progress",
+    "every",
+    "check_positive",
+    "seed_all",
+    "mnist_fid",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------ arguments
+def add_common_args(parser: argparse.ArgumentParser, *, out: str, steps: int, batch_size: int,
+                    sample_every: int, ckpt_every: int, fid_samples: int) -> None:
+    """Add the flags shared by every example; the keyword arguments are that example's defaults."""
+    g = parser.add_argument_group("common")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu; "
+                        "under torchrun on GPUs: cuda:$LOCAL_RANK)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with the four MNIST idx files (plain or .gz); default: the 10k-image "
+                        "MNIST subset embedded in qmm_plugin")
+    g.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    g.add_argument("--steps", type=int, default=steps, help=f"total training steps (default: {steps})")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"minibatch size per process (default: {batch_size})")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue from OUT/{CHECKPOINT_NAME} exactly where it stopped")
+    g.add_argument("--sample-every", type=int, default=sample_every,
+                   help=f"write a sample grid every N steps (default: {sample_every})")
+    g.add_argument("--ckpt-every", type=int, default=ckpt_every,
+                   help=f"write OUT/{CHECKPOINT_NAME} every N steps (default: {ckpt_every})")
+    g.add_argument("--log-every", type=int, default=10, help="log metrics every N steps (default: 10)")
+    g.add_argument("--fid-samples", type=int, default=fid_samples,
+                   help=f"generated images for the final MNIST-FID (default: {fid_samples}; 0 = skip)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--smoke", action="store_true",
+                   help="a few steps with a tiny batch and a small FID sample (for tests; seconds)")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Clear error for non-positive integer flags."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+
+
+# ---------------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: ``rank`` of ``world_size`` processes, on ``device``."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """Initialise ``torch.distributed`` when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    Backend: nccl on CUDA, gloo on CPU. Each process uses ``cuda:$LOCAL_RANK`` on GPUs. A plain
+    ``python script.py`` run is a world of one and initialises nothing.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device(f"cuda:{local}" if world > 1 else "cuda") if torch.cuda.is_available() \
+            else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {device} asked for CUDA but torch.cuda.is_available() is "
+                             "False; pass --device cpu")
+        if dev.type == "cuda" and world > 1 and dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+# ----------------------------------------------------------------------------------------- data
+class ShardedBatches:
+    """Deterministic minibatches of ``data`` for rank ``rank`` of ``world_size``.
+
+    Epoch ``e`` uses the permutation drawn from ``torch.Generator().manual_seed(seed + e)``;
+    rank ``r`` takes every ``world_size``-th index starting at ``r`` (like DistributedSampler),
+    and ``batch(step)`` is a pure function of the step: no sampler state to checkpoint.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 labels: Tensor | None = None) -> None:
+        per_rank = data.shape[0] // world_size
+        if batch_size > per_rank:
+            raise ValueError(f"--batch-size {batch_size} is larger than this process's share of the data "
+                             f"({per_rank} images); use a smaller batch or more data")
+        self.data, self.labels = data, labels
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.steps_per_epoch = per_rank // batch_size
+        self._epoch = -1
+        self._shard: Tensor | None = None
+
+    def indices(self, step: int) -> Tensor:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            perm = torch.randperm(self.data.shape[0], generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._shard = perm[self.rank::self.world_size]
+            self._epoch = epoch
+        assert self._shard is not None
+        return self._shard[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+    def batch(self, step: int, device: torch.device) -> Tensor:
+        return self.data[self.indices(step)].to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA) and Python ``random`` states."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(d: Dist) -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state` (a collective call under torchrun), indexed by rank."""
+    mine = rng_state()
+    if not d.enabled:
+        return [mine]
+    states: list[Any] = [None] * d.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
+    """Write ``out/checkpoint.pt`` atomically (temp file + rename: never half-written)."""
+    return atomic_torch_save(state, out / CHECKPOINT_NAME)
+
+
+def load_checkpoint(out: Path, d: Dist, expect: dict[str, Any]) -> dict[str, Any]:
+    """Load ``out/checkpoint.pt`` for ``--resume``; check it belongs to this kind of run.
+
+    ``expect``: settings that must match (e.g. ``{"model": "qwgan", "world_size": 2}``).
+    """
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        raise SystemExit(f"error: --resume given but {path} does not exist; run without --resume to start "
+                         "a new run, or pass the --out folder of the run to continue")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for key, value in expect.items():
+        if ckpt["settings"].get(key) != value:
+            raise SystemExit(f"error: {path} was written with {key}={ckpt['settings'].get(key)!r} but this "
+                             f"run has {key}={value!r}; resume with the same setting, or use another --out")
+    return ckpt
+
+
+# -------------------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """Rows of scalar metrics written to ``out/metrics.csv`` and ``out/metrics.json``.
+
+    ``metrics.json`` holds ``{"rows": [...], "final": {...}}``. Only rank 0 writes. ``state()``
+    goes into the checkpoint so that a resumed run appends to the same history.
+    """
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.out, self.enabled = out, enabled
+        self.rows: list[dict[str, float | int]] = []
+        self.final: dict[str, Any] = {}
+
+    def log(self, row: dict[str, float | int]) -> None:
+        self.rows.append(row)
+
+    def state(self) -> dict[str, Any]:
+        return {"rows": list(self.rows), "final": dict(self.final)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+        self.final = dict(state["final"])
+
+    def write(self) -> None:
+        if not self.enabled:
+            return
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(buf.getvalue(), self.out / "metrics.csv")
+        atomic_write_text(json.dumps({"rows": self.rows, "final": self.final}, indent=1, default=_json_default)
+                          + "\n", self.out / "metrics.json")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# ------------------------------------------------------------------------------------- Ctrl-C
+class StopFlag:
+    """SIGINT (Ctrl-C) → stop at the next step boundary (checkpoint, then exit); twice → abort.
+
+    Under torchrun every rank must stop at the same step: :meth:`should_stop` all-reduces the flag
+    (one tiny collective per step, only when ``world_size > 1``).
+    """
+
+    def __init__(self, d: Dist) -> None:
+        self.d = d
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.d.is_main:
+            print("\nCtrl-C: stopping after this step and writing a checkpoint "
+                  "(press Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    def should_stop(self) -> bool:
+        if not self.d.enabled:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0],
+                            device=self.d.device if self.d.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def progress(total: int, initial: int, d: Dist, disable: bool, desc: str) -> Any:
+    """A tqdm bar on rank 0 (none on the other ranks, or with ``--no-progress``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable or not d.is_main,
+                dynamic_ncols=True)
+
+
+def every(step: int, n: int, last: int) -> bool:
+    """True on multiples of ``n`` and at the final step."""
+    return step % n == 0 or step == last
+
+
+def iter_steps(start: int, stop: int) -> Iterator[int]:
+    """Steps ``start+1 .. stop`` (1-based step numbers: step k is the k-th update)."""
+    return iter(range(start + 1, stop + 1))
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (all devices) and Python ``random``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+@torch.no_grad()
+def mnist_fid(sample: Any, n: int, real: Tensor, batch: int = 500) -> float:
+    """MNIST-FID (:class:`qmm_plugin.metrics.MNISTFID`) of ``n`` images from ``sample(k) -> (k,1,28,28)``
+    in [-1, 1] (or of the images themselves when ``sample`` is a tensor) against ``real``
+    (uint8 ``(N, 28, 28)`` or float in [-1, 1])."""
+    from qmm_plugin.metrics import MNISTFID
+
+    fid = MNISTFID()
+    fid.update(real, real=True)
+    if isinstance(sample, Tensor):
+        fid.update(sample, real=False)
+        return fid.compute()
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        fid.update(sample(k).float().cpu(), real=False)
+        done += k
+    return fid.compute()

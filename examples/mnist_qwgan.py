@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+r"""Q-WGAN on MNIST (paper Sec. 5, Table 1, Fig. 3) and the GAN baselines, from one script.
+
+Run (no flags: Q-WGAN on the MNIST subset embedded in qmm_plugin, a few minutes on a laptop CPU)::
+
+    python examples/mnist_qwgan.py
+    python examples/mnist_qwgan.py --data-dir ../shared/datasets/mnist --steps 20000   # full MNIST
+    python examples/mnist_qwgan.py --model wgan --out runs/mnist_wgan                  # a baseline
+    python examples/mnist_qwgan.py --resume                                           # continue
+    torchrun --nproc_per_node=2 examples/mnist_qwgan.py                                # DDP
+
+``--model``:
+
+=========  ============================================================================
+qwgan      Q-WGAN: MNIST generator converted with ``qmm_plugin.convert(g, num_biases=10)``,
+           generator loss ``-E[D(G(z))] + λ R_BA`` (Eq. 2), λ = 0.05 (default)
+wgan       WGAN: the same generator with one bias (A = 1; R_BA is then a constant)
+qwgan-l0   Q-WGAN with λ = 0 (ten biases, no bias-aligning regularizer)
+dmwgan     DMWGAN-style: ten separate generators with widths / 4 (uniform π)
+madgan     MADGAN-like: ten generators sharing the FC stack and the first ConvT layer
+infogan    InfoGAN: 1 categorical(10) + 2 continuous codes + 8 noise; mutual-information
+           loss (categorical cross-entropy + Gaussian log-likelihood of the codes) on G and D
+=========  ============================================================================
+
+All use the Wasserstein loss with a spectrally normalised critic (the NOTES' L_D = E[D(fake)] −
+E[D(real)]), Adam(lr 2e-4, default betas), ``--n-critic`` critic steps per generator step.
+
+Writes into ``--out`` (only rank 0 writes): ``samples_step{N}.png`` (one row per manifold —
+generator, category — and one column per shared latent, like the paper's Fig. 3),
+``metrics.csv`` / ``metrics.json`` (losses, R_BA, per-layer tangential spread, final MNIST-FID
+against the test split, and the FID of real training digits for reference) and
+``checkpoint.pt`` (atomic; ``--resume`` restores models, optimisers, step and RNG states, so a
+resumed run continues exactly; Ctrl-C writes one before exiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import qmm_plugin  # noqa: E402
+from qmm_plugin.data import load_mnist, to_model_range  # noqa: E402
+from qmm_plugin.models import (  # noqa: E402
+    InfoGANDiscriminator,
+    InfoGANGenerator,
+    MADGANLike,
+    MNISTCritic,
+    MNISTGenerator,
+    MultiGenerator,
+)
+from qmm_plugin.viz import save_manifold_grid  # noqa: E402
+
+MODELS = ("qwgan", "wgan", "qwgan-l0", "dmwgan", "madgan", "infogan")
+Z_DIM = 8
+NUM_MANIFOLDS = 10
+
+
+# ------------------------------------------------------------------------------ model families
+class Family:
+    """What differs between the Table 1 GANs: how latents are drawn and fed, and extra losses.
+
+    ``latents(n, device, gen, row)`` returns ``(args, kwargs)`` for the generator; ``row`` fixes
+    the manifold (generator / category) of every sample, ``gen`` is a private
+    ``torch.Generator`` for evaluation (training draws from the global RNG).
+    """
+
+    num_rows: int = NUM_MANIFOLDS
+    lam: float = 0.0
+
+    def __init__(self) -> None:
+        self.generator: nn.Module = nn.Identity()
+        self.critic: nn.Module = nn.Identity()
+
+    def latents(self, n: int, device: torch.device, gen: torch.Generator | None = None,
+                row: int | None = None) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
+        raise NotImplementedError
+
+    def shared_latents(self, n: int, gen: torch.Generator) -> Any:
+        """The latent part shared down a grid column (everything but the manifold)."""
+        return torch.randn(n, Z_DIM, generator=gen)
+
+    def grid_inputs(self, shared: Any, row: int, device: torch.device) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
+        raise NotImplementedError
+
+    def score(self, critic: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
+        """Critic values ``(B,)`` and anything extra (InfoGAN's Q head)."""
+        return critic(x).reshape(-1), None
+
+    def info_loss(self, extra: Any, args: tuple[Tensor, ...]) -> Tensor | None:
+        return None
+
+    def regularizer(self) -> Tensor | None:
+        return None
+
+
+def _index(n: int, a: int, device: torch.device, gen: torch.Generator | None) -> Tensor:
+    """Stratified uniform manifold indices: a shuffled ``0,1,..,A-1,0,1,..`` (each group of a
+    separate-generator baseline gets >= n // A rows, so its BatchNorm1d sees > 1 sample)."""
+    return (torch.randperm(n, generator=gen) % a).to(device)
+
+
+class QMMFamily(Family):
+    """Q-WGAN (A = 10), Q-WGAN λ = 0, and WGAN (A = 1): the user's generator, converted."""
+
+    def __init__(self, num_biases: int, lam: float) -> None:
+        super().__init__()
+        self.num_rows, self.lam = num_biases, lam
+        self.generator = qmm_plugin.convert(MNISTGenerator(z_dim=Z_DIM), num_biases=num_biases)
+        self.critic = MNISTCritic(spectral_norm=True)
+
+    def latents(self, n, device, gen=None, row=None):
+        z = torch.randn(n, Z_DIM, generator=gen).to(device) if gen is not None else torch.randn(n, Z_DIM, device=device)
+        if row is not None:
+            return (z,), {"manifold": row}
+        if gen is not None:
+            return (z,), {"manifold": torch.randint(0, self.num_rows, (n,), generator=gen).to(device)}
+        return (z,), {}  # the QuotientModel draws i ~ Uniform{0..A-1} per sample (ancestral sampling)
+
+    def grid_inputs(self, shared, row, device):
+        return (shared.to(device),), {"manifold": row}
+
+    def regularizer(self) -> Tensor | None:
+        q = self.generator
+        assert isinstance(q, qmm_plugin.QuotientModel)
+        return q.ba_regularizer() if self.lam > 0 else None
+
+
+class MultiFamily(Family):
+    """DMWGAN-style (separate generators, widths / 4) and MADGAN-like (shared first layers)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.generator = (MultiGenerator(NUM_MANIFOLDS, z_dim=Z_DIM) if kind == "dmwgan"
+                          else MADGANLike(NUM_MANIFOLDS, z_dim=Z_DIM, num_shared_deconv=1))
+        self.critic = MNISTCritic(spectral_norm=True)
+
+    def latents(self, n, device, gen=None, row=None):
+        z = torch.randn(n, Z_DIM, generator=gen).to(device) if gen is not None else torch.randn(n, Z_DIM, device=device)
+        idx = torch.full((n,), row, dtype=torch.long, device=device) if row is not None \
+            else _index(n, self.num_rows, device, gen)
+        return (z, idx), {}
+
+    def grid_inputs(self, shared, row, device):
+        z = shared.to(device)
+        return (z, torch.full((z.shape[0],), row, dtype=torch.long, device=device)), {}
+
+
+class InfoFamily(Family):
+    """InfoGAN (MNIST): rows of a grid are the 10 categories; the MI loss trains G and the Q head."""
+
+    info_weight = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = InfoGANGenerator(noise_dim=Z_DIM)
+        self.critic = InfoGANDiscriminator(spectral_norm=True)
+
+    def _noise_code(self, n: int, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(n, Z_DIM, generator=gen)
+        code = torch.rand(n, 2, generator=gen) * 2 - 1  # continuous codes ~ U(-1, 1)
+        return noise, code
+
+    def latents(self, n, device, gen=None, row=None):
+        noise, code = self._noise_code(n, gen)
+        labels = torch.full((n,), row, dtype=torch.long) if row is not None else \
+            torch.randint(0, self.num_rows, (n,), generator=gen)
+        return (noise.to(device), labels.to(device), code.to(device)), {}
+
+    def shared_latents(self, n, gen):
+        return self._noise_code(n, gen)
+
+    def grid_inputs(self, shared, row, device):
+        noise, code = shared
+        labels = torch.full((noise.shape[0],), row, dtype=torch.long)
+        return (noise.to(device), labels.to(device), code.to(device)), {}
+
+    def score(self, critic, x):
+        d, cat_logits, cont_mean = critic(x)
+        return d.reshape(-1), (cat_logits, cont_mean)
+
+    def info_loss(self, extra, args):
+        """−(lower bound of the mutual information): cross-entropy of the category plus the
+        Gaussian (unit variance) negative log-likelihood of the continuous codes, up to constants."""
+        cat_logits, cont_mean = extra
+        _, labels, code = args
+        return F.cross_entropy(cat_logits, labels) + 0.5 * (cont_mean - code).pow(2).sum(1).mean()
+
+
+def make_family(model: str, lam: float | None) -> Family:
+    if model == "qwgan":
+        return QMMFamily(NUM_MANIFOLDS, 0.05 if lam is None else lam)
+    if model == "qwgan-l0":
+        return QMMFamily(NUM_MANIFOLDS, 0.0)
+    if model == "wgan":
+        return QMMFamily(1, 0.0)
+    if model in ("dmwgan", "madgan"):
+        return MultiFamily(model)
+    if model == "infogan":
+        return InfoFamily()
+    raise ValueError(f"unknown --model {model!r}; choose one of {MODELS}")
+
+
+# ----------------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def manifold_grid(fam: Family, columns: int, device: torch.device, seed: int) -> Tensor:
+    """``(rows, columns, 1, 28, 28)``: row = manifold, column = one shared latent (Fig. 3)."""
+    g = fam.generator
+    was_training = g.training
+    g.eval()
+    shared = fam.shared_latents(columns, torch.Generator().manual_seed(seed))
+    rows = []
+    for r in range(fam.num_rows):
+        args, kwargs = fam.grid_inputs(shared, r, device)
+        rows.append(g(*args, **kwargs).cpu())
+    g.train(was_training)
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def eval_sampler(fam: Family, device: torch.device, seed: int) -> Any:
+    """``sample(k)``: k images from the model in eval mode, from a private RNG (the global RNG,
+    and hence ``--resume``, is untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(k: int) -> Tensor:
+        args, kwargs = fam.latents(k, device, gen)
+        return fam.generator(*args, **kwargs)
+
+    return sample
+
+
+def spread_metrics(fam: Family) -> dict[str, float]:
+    """Per-layer exact tangential spread tr cov(a_par) (Theorem 1's right side) for QMM models.
+
+    Costs an SVD of every converted weight (seconds for the 6272x1024 layer on a CPU), so it is
+    logged with the sample grids only; the per-layer Eq. 2 terms are logged every ``--log-every``."""
+    g = fam.generator
+    if not isinstance(g, qmm_plugin.QuotientModel) or g.num_biases < 2:
+        return {}
+    return {f"tangential_spread/{p}": v for p, v in g.tangential_spread().items()}
+
+
+# --------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="qwgan", help="which GAN (default: qwgan)")
+    p.add_argument("--lam", type=float, default=None, help="λ of λ·R_BA for --model qwgan (default: 0.05)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, G and D (default: 2e-4)")
+    p.add_argument("--n-critic", type=int, default=1, help="critic steps per generator step (default: 1)")
+    p.add_argument("--grid-columns", type=int, default=10, help="shared latents per sample grid (default: 10)")
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=900, batch_size=64, sample_every=300,
+                      ckpt_every=300, fid_samples=2000)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.fid_samples = min(args.steps, 4), 20, min(args.fid_samples, 200)
+        args.sample_every, args.ckpt_every, args.log_every = args.steps, 2, 1
+    C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "n_critic",
+                     "grid_columns")
+    if args.model in ("dmwgan", "madgan") and args.batch_size < 2 * NUM_MANIFOLDS:
+        p.error(f"--model {args.model} needs --batch-size >= {2 * NUM_MANIFOLDS} (every one of the "
+                f"{NUM_MANIFOLDS} generators needs >= 2 samples per batch for BatchNorm)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    d = C.setup_distributed(args.device)
+    out = Path(args.out)
+    C.seed_all(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    fam = make_family(args.model, args.lam)
+    fam.generator.to(d.device)
+    fam.critic.to(d.device)
+    opt_g = torch.optim.Adam(fam.generator.parameters(), lr=args.lr)
+    opt_d = torch.optim.Adam(fam.critic.parameters(), lr=args.lr)
+
+    images, _ = load_mnist(args.data_dir, "train")
+    batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
+                               world_size=d.world_size)
+    log = C.MetricsLog(out, enabled=d.is_main)
+    settings = {"model": args.model, "world_size": d.world_size, "batch_size": args.batch_size,
+                "lam": fam.lam, "seed": args.seed}
+    start = 0
+    if args.resume:
+        ckpt = C.load_checkpoint(out, d, settings)
+        fam.generator.load_state_dict(ckpt["generator"])
+        fam.critic.load_state_dict(ckpt["critic"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        log.load_state(ckpt["metrics"])
+        C.set_rng_state(ckpt["rng"][d.rank])
+        start = ckpt["step"]
+        if d.is_main:
+            print(f"resumed {out / C.CHECKPOINT_NAME} at step {start}", file=sys.stderr)
+    else:
+        torch.manual_seed(args.seed + 1000 * d.rank)  # different z on every rank
+        if d.is_main and (out / C.CHECKPOINT_NAME).exists():
+            print(f"note: {out / C.CHECKPOINT_NAME} exists and will be overwritten (pass --resume to "
+                  "continue it instead)", file=sys.stderr)
+
+    g_train, d_train = fam.generator, fam.critic
+    if d.enabled:
+        ddp_kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
+        g_train = nn.parallel.DistributedDataParallel(fam.generator, **ddp_kw)
+        d_train = nn.parallel.DistributedDataParallel(fam.critic, **ddp_kw)
+
+    def checkpoint(step: int) -> None:
+        rng = C.gather_rng_states(d)  # collective: every rank
+        if d.is_main:
+            log.write()
+            C.save_checkpoint(out, {
+                "step": step, "settings": settings, "args": vars(args),
+                "generator": fam.generator.state_dict(), "critic": fam.critic.state_dict(),
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "metrics": log.state(), "rng": rng})
+
+    def write_grid(step: int) -> None:
+        if d.is_main:
+            grid = manifold_grid(fam, args.grid_columns, d.device, seed=args.seed + 12345)
+            save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2)
+
+    stop = C.StopFlag(d)
+    bar = C.progress(args.steps, start, d, args.no_progress, f"{args.model}")
+    step = start
+    t0 = time.perf_counter()
+    try:
+        for step in range(start + 1, args.steps + 1):
+            # --- critic: L_D = E[D(G(z))] - E[D(x)] (+ InfoGAN's Q loss on the fakes)
+            for _ in range(args.n_critic):
+                real = batches.batch((step - 1) * args.n_critic + _, d.device)
+                gargs, gkw = fam.latents(real.shape[0], d.device)
+                with torch.no_grad():
+                    fake = g_train(*gargs, **gkw)
+                d_real, _x = fam.score(d_train, real)
+                d_fake, extra = fam.score(d_train, fake)
+                loss_d = d_fake.mean() - d_real.mean()
+                info_d = fam.info_loss(extra, gargs)
+                if info_d is not None:
+                    loss_d = loss_d + InfoFamily.info_weight * info_d
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+            # --- generator: L_G = -E[D(G(z))] + λ R_BA (Eq. 2)
+            fam.critic.requires_grad_(False)
+            gargs, gkw = fam.latents(args.batch_size, d.device)
+            d_gen, extra = fam.score(fam.critic, g_train(*gargs, **gkw))
+            loss_g = -d_gen.mean()
+            row: dict[str, float | int] = {"step": step}
+            r_ba = fam.regularizer()
+            if r_ba is not None:
+                loss_g = loss_g + fam.lam * r_ba
+                row["r_ba"] = r_ba.item()
+            info_g = fam.info_loss(extra, gargs)
+            if info_g is not None:
+                loss_g = loss_g + InfoFamily.info_weight * info_g
+                row["info_loss"] = info_g.item()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            fam.critic.requires_grad_(True)
+            bar.update(1)
+
+            if C.every(step, args.log_every, args.steps):
+                row.update(loss_d=loss_d.item(), loss_g=loss_g.item(),
+                           wasserstein=(d_real.mean() - d_fake.mean()).item(),
+                           sec_per_step=(time.perf_counter() - t0) / (step - start))
+                if isinstance(fam.generator, qmm_plugin.QuotientModel) and fam.lam > 0:
+                    row.update({f"r_ba/{p}": t.item() for p, t in fam.generator.ba_regularizer_terms().items()})
+                if C.every(step, args.sample_every, args.steps):
+                    row.update(spread_metrics(fam))
+                log.log(row)
+                bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}")
+            if C.every(step, args.sample_every, args.steps):
+                write_grid(step)
+            if C.every(step, args.ckpt_every, args.steps):
+                checkpoint(step)
+            if stop.should_stop():
+                if step % args.ckpt_every != 0 and step != args.steps:
+                    checkpoint(step)
+                if d.is_main:
+                    print(f"stopped at step {step}; checkpoint written, continue with --resume",
+                          file=sys.stderr)
+                return 130
+    finally:
+        bar.close()
+        stop.restore()
+
+    if start == args.steps and d.is_main:
+        write_grid(step)
+    if d.is_main and args.fid_samples > 0:
+        test, _ = load_mnist(args.data_dir, "test")
+        fam.generator.eval()
+        fid = C.mnist_fid(eval_sampler(fam, d.device, args.seed + 777), args.fid_samples, test)
+        fam.generator.train()
+        train_ref = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
+                           [:min(args.fid_samples, images.shape[0])]]
+        fid_ref = C.mnist_fid(train_ref, train_ref.shape[0], test)
+        log.final.update(mnist_fid=fid, mnist_fid_samples=args.fid_samples,
+                         mnist_fid_real_train_vs_test=fid_ref, steps=args.steps, model=args.model)
+        log.final.update({k: v for k, v in log.rows[-1].items() if k.startswith("tangential_spread/")})
+        log.write()
+        print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
+              f"{test.shape[0]} test digits; real training digits score {fid_ref:.2f}); "
+              f"outputs in {out}/")
+    C.cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
