@@ -157,7 +157,7 @@ def _infer_z_dim(q: QuotientModel, z_dim: int | None) -> int:
 
 def _probe_output_shape(q: QuotientModel, z_dim: int, like: Tensor) -> torch.Size:
     try:
-        with torch.no_grad():
+        with _frozen_eval(q), torch.no_grad():
             out = q(torch.zeros(1, z_dim, device=like.device, dtype=like.dtype), manifold=0)
     except Exception as err:  # re-raised with the fix
         raise ValueError(
@@ -177,7 +177,7 @@ def _check_images(x: Tensor, shape: torch.Size, like: Tensor) -> None:
             f"x has shape {tuple(x.shape)} but the generator makes images of shape (B, "
             f"{', '.join(map(str, shape))}){hint}; pass a batch of images of that shape")
     if x.device != like.device:
-        raise ValueError(f"x is on {x.device} but the generator is on {like.device}; move x with "
+        raise ValueError(f"x is on device {x.device} but the generator is on {like.device}; move x with "
                          f".to({str(like.device)!r})")
     if x.dtype != like.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the generator computes in {like.dtype}; use x.to({like.dtype})")
@@ -589,17 +589,18 @@ def analytic_encoder(q: QuotientModel, *, z_dim: int | None = None, check: bool 
     leaves = [m for m in q.model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        with torch.no_grad():
+        with _frozen_eval(q), torch.no_grad():  # no running-statistics update
             q(torch.zeros(2, d, device=like.device, dtype=like.dtype), manifold=0)
     finally:
         for h in handles:
             h.remove()
-    encoder = AnalyticEncoder(*[_invert_module(p, m, s) for p, m, s in reversed(trace)])
+    inverses = [_invert_module(p, m, s) for p, m, s in trace]  # errors name the first in forward order
+    encoder = AnalyticEncoder(*reversed(inverses))
     if check:
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(16, d, generator=gen, dtype=like.dtype).to(like.device)
         mean_biases = {p: m.bias_bank.detach().mean(0) for p, m in q.multi_bias_layers().items()}
-        with torch.no_grad():
+        with _frozen_eval(q), torch.no_grad():
             err = (encoder(q(z, biases=mean_biases)) - z).norm() / z.norm()
         if not bool(err < 1e-2):
             raise ValueError(
