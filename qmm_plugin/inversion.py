@@ -15,11 +15,15 @@ layer :math:`l` (their shared tangential part once the banks are aligned). Fixin
 
 Bias parametrisations (``bias_mode``):
 
-* ``"normal"`` (default): :math:`a_l = \bar a_l + (I - Q_l Q_l^\top) v_l` with :math:`Q_l` an
-  orthonormal basis of the column space of :math:`W_l` (:func:`~qmm_plugin.regularizer.tangential_basis`):
-  the tangential deviation :math:`W_l^\top(a_l - \bar a_l)` is exactly zero, the
-  :math:`\mu \to \infty` limit of Eq. 3. The projector is applied as ``v - (v Q) Q^T``; no
-  ``(out, out)`` matrix is formed. When a layer has ``out <= in`` and full rank, its normal space
+* ``"normal"`` (default): :math:`a_l \in \bar a_l + \operatorname{col}(W_l)^\perp`, kept there
+  by projected Adam: after every step :math:`a_l \leftarrow a_l - Q_l Q_l^\top (a_l - \bar a_l)`
+  with :math:`Q_l` an orthonormal basis of the column space of :math:`W_l`
+  (:func:`~qmm_plugin.regularizer.tangential_basis`). The tangential deviation
+  :math:`W_l^\top(a_l - \bar a_l)` is exactly zero (to float precision): the :math:`\mu \to \infty`
+  limit of Eq. 3. The projection is two thin matmuls per layer and step (``((a - a_bar) Q) Q^T``);
+  no ``(out, out)`` matrix is formed. (Projecting once per step, rather than parametrising
+  :math:`a = \bar a + (I - QQ^\top) v` inside the forward pass, halves the projection cost: the
+  backward pass needs no projection.) When a layer has ``out <= in`` and full rank, its normal space
   is empty and its bias stays at :math:`\bar a_l`.
 * ``"penalty"``: the paper's soft log penalty with weight ``mu`` (``eps = 1e-8`` inside the log,
   as in Eq. 2, so that :math:`a_l = \bar a_l` gives a finite value).
@@ -196,8 +200,7 @@ class _BiasParams:
         self.weight: dict[str, Tensor] = {p: m.weight.detach() for p, m in layers.items()}
         if mode == "normal":
             self.basis = {p: tangential_basis(m.weight).to(m.weight.dtype) for p, m in layers.items()}
-            self.params = {p: torch.zeros(rows, m.out_features, device=m.weight.device, dtype=m.weight.dtype,
-                                          requires_grad=True) for p, m in layers.items()}
+            self.params = {p: self.mean[p].expand(rows, -1).clone().requires_grad_(True) for p in layers}
         else:
             # the log penalty is infinitely steep at a_bar itself: start just off it
             self.params = {p: (self.mean[p] + PENALTY_INIT_STD * torch.randn(
@@ -205,13 +208,17 @@ class _BiasParams:
                 for p, m in layers.items()}
 
     def biases(self) -> dict[str, Tensor]:
-        if self.mode == "penalty":
-            return dict(self.params)
-        out = {}
-        for p, v in self.params.items():
+        return dict(self.params)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Normal mode: ``a <- a - Q Q^T (a - a_bar)``, the exact tangential constraint (after each
+        step). Two thin matmuls per layer; no ``(out, out)`` projector is formed."""
+        if self.mode != "normal":
+            return
+        for p, a in self.params.items():
             q = self.basis[p]
-            out[p] = self.mean[p] + (v - (v @ q) @ q.t())  # a = a_bar + (I - Q Q^T) v
-        return out
+            a.sub_(((a - self.mean[p]) @ q) @ q.t())
 
     def penalty(self, biases: dict[str, Tensor]) -> Tensor | None:
         """``mu * sum_l log(||W_l^T (a_l - a_bar_l)||^2 + eps)`` per row (penalty mode only)."""
@@ -372,6 +379,8 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
                     bp.copy_(torch.where(better.unsqueeze(1), p.detach(), bp))
             loss.sum().backward()
             opt.step(~done)
+            if bias_params is not None:
+                bias_params.project_()
             ran = step + 1
             if ran % window == 0:
                 with torch.no_grad():
