@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "check_positive",
     "seed_all",
     "mnist_fid",
+    "TrainRun",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -362,3 +364,94 @@ def mnist_fid(sample: Any, n: int, real: Tensor, batch: int = 500) -> float:
         fid.update(sample(k).float().cpu(), real=False)
         done += k
     return fid.compute()
+
+
+# ---------------------------------------------------------------------------------- train loop
+class TrainRun:
+    """The loop shared by the training examples: resume, progress bar, logging, sample grids,
+    atomic checkpoints, Ctrl-C.
+
+    Args:
+        args: parsed arguments (the common flags).
+        d: from :func:`setup_distributed`.
+        settings: values a ``--resume`` must match (``model``, ``world_size``...).
+        modules / optimizers: saved and restored by name (the unwrapped modules, not DDP wrappers).
+
+    ``run(step_fn, sample_fn)``: ``step_fn(step) -> {metric: float}`` does one training step
+    (1-based step numbers); ``sample_fn(step) -> {metric: float}`` runs on rank 0 every
+    ``--sample-every`` steps and at the end (writes the grid, returns costly metrics).
+    """
+
+    def __init__(self, args: argparse.Namespace, d: Dist, settings: dict[str, Any],
+                 modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.args, self.d, self.settings = args, d, settings
+        self.modules, self.optimizers = modules, optimizers
+        self.out = Path(args.out)
+        self.log = MetricsLog(self.out, enabled=d.is_main)
+        self.start = 0
+        if args.resume:
+            ckpt = load_checkpoint(self.out, d, settings)
+            for name, m in modules.items():
+                m.load_state_dict(ckpt["modules"][name])
+            for name, o in optimizers.items():
+                o.load_state_dict(ckpt["optimizers"][name])
+            self.log.load_state(ckpt["metrics"])
+            set_rng_state(ckpt["rng"][d.rank])
+            self.start = ckpt["step"]
+            if d.is_main:
+                print(f"resumed {self.out / CHECKPOINT_NAME} at step {self.start}", file=sys.stderr)
+        else:
+            torch.manual_seed(args.seed + 1000 * d.rank)  # different latents/noise on every rank
+            if d.is_main and (self.out / CHECKPOINT_NAME).exists():
+                print(f"note: {self.out / CHECKPOINT_NAME} exists and will be overwritten (pass --resume "
+                      "to continue it instead)", file=sys.stderr)
+
+    def checkpoint(self, step: int) -> None:
+        """Every rank calls this (the RNG states are gathered); rank 0 writes, atomically."""
+        rng = gather_rng_states(self.d)
+        if self.d.is_main:
+            self.log.write()
+            save_checkpoint(self.out, {
+                "step": step, "settings": self.settings, "args": vars(self.args),
+                "modules": {n: m.state_dict() for n, m in self.modules.items()},
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "metrics": self.log.state(), "rng": rng})
+
+    def run(self, step_fn: Any, sample_fn: Any, desc: str) -> int:
+        """Train from ``self.start`` to ``--steps``; returns 0, or 130 after a Ctrl-C stop."""
+        a, d = self.args, self.d
+        stop = StopFlag(d)
+        bar = progress(a.steps, self.start, d, a.no_progress, desc)
+        t0 = time.perf_counter()
+        try:
+            for step in range(self.start + 1, a.steps + 1):
+                row: dict[str, float | int] = {"step": step, **step_fn(step)}
+                bar.update(1)
+                sample = every(step, a.sample_every, a.steps)
+                if sample and d.is_main:
+                    row.update(sample_fn(step))
+                if every(step, a.log_every, a.steps) or sample:
+                    row["sec_per_step"] = (time.perf_counter() - t0) / (step - self.start)
+                    self.log.log(row)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k.startswith("loss")})
+                checkpointed = every(step, a.ckpt_every, a.steps)
+                if checkpointed:
+                    self.checkpoint(step)
+                if stop.should_stop():
+                    if not checkpointed:
+                        self.checkpoint(step)
+                    if d.is_main:
+                        print(f"stopped at step {step}; checkpoint written, continue with --resume",
+                              file=sys.stderr)
+                    return 130
+            if self.start == a.steps and d.is_main:  # resumed a finished run: just re-evaluate
+                sample_fn(a.steps)
+        finally:
+            bar.close()
+            stop.restore()
+        return 0
+
+    def finish(self, final: dict[str, Any]) -> None:
+        """Record end-of-run metrics (e.g. the FID) in ``metrics.json`` (rank 0)."""
+        self.log.final.update(final)
+        self.log.write()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -259,8 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, G and D (default: 2e-4)")
     p.add_argument("--n-critic", type=int, default=1, help="critic steps per generator step (default: 1)")
     p.add_argument("--grid-columns", type=int, default=10, help="shared latents per sample grid (default: 10)")
-    C.add_common_args(p, out="runs/mnist_qwgan", steps=900, batch_size=64, sample_every=300,
-                      ckpt_every=300, fid_samples=2000)
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=400, batch_size=32, sample_every=100,
+                      ckpt_every=100, fid_samples=2000)
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch_size, args.fid_samples = min(args.steps, 4), 20, min(args.fid_samples, 200)
@@ -283,137 +282,79 @@ def main(argv: list[str] | None = None) -> int:
     fam.critic.to(d.device)
     opt_g = torch.optim.Adam(fam.generator.parameters(), lr=args.lr)
     opt_d = torch.optim.Adam(fam.critic.parameters(), lr=args.lr)
-
     images, _ = load_mnist(args.data_dir, "train")
     batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
                                world_size=d.world_size)
-    log = C.MetricsLog(out, enabled=d.is_main)
     settings = {"model": args.model, "world_size": d.world_size, "batch_size": args.batch_size,
-                "lam": fam.lam, "seed": args.seed}
-    start = 0
-    if args.resume:
-        ckpt = C.load_checkpoint(out, d, settings)
-        fam.generator.load_state_dict(ckpt["generator"])
-        fam.critic.load_state_dict(ckpt["critic"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        log.load_state(ckpt["metrics"])
-        C.set_rng_state(ckpt["rng"][d.rank])
-        start = ckpt["step"]
-        if d.is_main:
-            print(f"resumed {out / C.CHECKPOINT_NAME} at step {start}", file=sys.stderr)
-    else:
-        torch.manual_seed(args.seed + 1000 * d.rank)  # different z on every rank
-        if d.is_main and (out / C.CHECKPOINT_NAME).exists():
-            print(f"note: {out / C.CHECKPOINT_NAME} exists and will be overwritten (pass --resume to "
-                  "continue it instead)", file=sys.stderr)
+                "lam": fam.lam, "seed": args.seed, "n_critic": args.n_critic}
+    run = C.TrainRun(args, d, settings, {"generator": fam.generator, "critic": fam.critic},
+                     {"generator": opt_g, "critic": opt_d})
 
     g_train, d_train = fam.generator, fam.critic
     if d.enabled:
-        ddp_kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
+        ddp_kw: dict[str, Any] = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
         g_train = nn.parallel.DistributedDataParallel(fam.generator, **ddp_kw)
         d_train = nn.parallel.DistributedDataParallel(fam.critic, **ddp_kw)
 
-    def checkpoint(step: int) -> None:
-        rng = C.gather_rng_states(d)  # collective: every rank
-        if d.is_main:
-            log.write()
-            C.save_checkpoint(out, {
-                "step": step, "settings": settings, "args": vars(args),
-                "generator": fam.generator.state_dict(), "critic": fam.critic.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "metrics": log.state(), "rng": rng})
+    def train_step(step: int) -> dict[str, float]:
+        # critic: L_D = E[D(G(z))] - E[D(x)]  (+ InfoGAN's Q loss on the fakes)
+        for k in range(args.n_critic):
+            real = batches.batch((step - 1) * args.n_critic + k, d.device)
+            gargs, gkw = fam.latents(real.shape[0], d.device)
+            with torch.no_grad():
+                fake = g_train(*gargs, **gkw)
+            d_real, _ = fam.score(d_train, real)
+            d_fake, extra = fam.score(d_train, fake)
+            loss_d = d_fake.mean() - d_real.mean()
+            info_d = fam.info_loss(extra, gargs)
+            if info_d is not None:
+                loss_d = loss_d + InfoFamily.info_weight * info_d
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        row = {"loss_d": loss_d.item(), "wasserstein": (d_real.mean() - d_fake.mean()).item()}
+        # generator: L_G = -E[D(G(z))] + λ R_BA  (Eq. 2)
+        fam.critic.requires_grad_(False)
+        gargs, gkw = fam.latents(args.batch_size, d.device)
+        d_gen, extra = fam.score(fam.critic, g_train(*gargs, **gkw))
+        loss_g = -d_gen.mean()
+        r_ba = fam.regularizer()
+        if r_ba is not None:
+            loss_g = loss_g + fam.lam * r_ba
+            row["r_ba"] = r_ba.item()
+        info_g = fam.info_loss(extra, gargs)
+        if info_g is not None:
+            loss_g = loss_g + InfoFamily.info_weight * info_g
+            row["info_loss"] = info_g.item()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        fam.critic.requires_grad_(True)
+        row["loss_g"] = loss_g.item()
+        return row
 
-    def write_grid(step: int) -> None:
-        if d.is_main:
-            grid = manifold_grid(fam, args.grid_columns, d.device, seed=args.seed + 12345)
-            save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2)
+    def on_sample(step: int) -> dict[str, float]:
+        grid = manifold_grid(fam, args.grid_columns, d.device, seed=args.seed + 12345)
+        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2)
+        return spread_metrics(fam)
 
-    stop = C.StopFlag(d)
-    bar = C.progress(args.steps, start, d, args.no_progress, f"{args.model}")
-    step = start
-    t0 = time.perf_counter()
-    try:
-        for step in range(start + 1, args.steps + 1):
-            # --- critic: L_D = E[D(G(z))] - E[D(x)] (+ InfoGAN's Q loss on the fakes)
-            for _ in range(args.n_critic):
-                real = batches.batch((step - 1) * args.n_critic + _, d.device)
-                gargs, gkw = fam.latents(real.shape[0], d.device)
-                with torch.no_grad():
-                    fake = g_train(*gargs, **gkw)
-                d_real, _x = fam.score(d_train, real)
-                d_fake, extra = fam.score(d_train, fake)
-                loss_d = d_fake.mean() - d_real.mean()
-                info_d = fam.info_loss(extra, gargs)
-                if info_d is not None:
-                    loss_d = loss_d + InfoFamily.info_weight * info_d
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-            # --- generator: L_G = -E[D(G(z))] + λ R_BA (Eq. 2)
-            fam.critic.requires_grad_(False)
-            gargs, gkw = fam.latents(args.batch_size, d.device)
-            d_gen, extra = fam.score(fam.critic, g_train(*gargs, **gkw))
-            loss_g = -d_gen.mean()
-            row: dict[str, float | int] = {"step": step}
-            r_ba = fam.regularizer()
-            if r_ba is not None:
-                loss_g = loss_g + fam.lam * r_ba
-                row["r_ba"] = r_ba.item()
-            info_g = fam.info_loss(extra, gargs)
-            if info_g is not None:
-                loss_g = loss_g + InfoFamily.info_weight * info_g
-                row["info_loss"] = info_g.item()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            fam.critic.requires_grad_(True)
-            bar.update(1)
-
-            if C.every(step, args.log_every, args.steps):
-                row.update(loss_d=loss_d.item(), loss_g=loss_g.item(),
-                           wasserstein=(d_real.mean() - d_fake.mean()).item(),
-                           sec_per_step=(time.perf_counter() - t0) / (step - start))
-                if isinstance(fam.generator, qmm_plugin.QuotientModel) and fam.lam > 0:
-                    row.update({f"r_ba/{p}": t.item() for p, t in fam.generator.ba_regularizer_terms().items()})
-                if C.every(step, args.sample_every, args.steps):
-                    row.update(spread_metrics(fam))
-                log.log(row)
-                bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}")
-            if C.every(step, args.sample_every, args.steps):
-                write_grid(step)
-            if C.every(step, args.ckpt_every, args.steps):
-                checkpoint(step)
-            if stop.should_stop():
-                if step % args.ckpt_every != 0 and step != args.steps:
-                    checkpoint(step)
-                if d.is_main:
-                    print(f"stopped at step {step}; checkpoint written, continue with --resume",
-                          file=sys.stderr)
-                return 130
-    finally:
-        bar.close()
-        stop.restore()
-
-    if start == args.steps and d.is_main:
-        write_grid(step)
-    if d.is_main and args.fid_samples > 0:
+    code = run.run(train_step, on_sample, args.model)
+    if code == 0 and d.is_main and args.fid_samples > 0:
         test, _ = load_mnist(args.data_dir, "test")
         fam.generator.eval()
         fid = C.mnist_fid(eval_sampler(fam, d.device, args.seed + 777), args.fid_samples, test)
         fam.generator.train()
-        train_ref = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
-                           [:min(args.fid_samples, images.shape[0])]]
+        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
+        train_ref = images[pick[:min(args.fid_samples, images.shape[0])]]
         fid_ref = C.mnist_fid(train_ref, train_ref.shape[0], test)
-        log.final.update(mnist_fid=fid, mnist_fid_samples=args.fid_samples,
-                         mnist_fid_real_train_vs_test=fid_ref, steps=args.steps, model=args.model)
-        log.final.update({k: v for k, v in log.rows[-1].items() if k.startswith("tangential_spread/")})
-        log.write()
+        spread = {k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")}
+        run.finish({"mnist_fid": fid, "mnist_fid_samples": args.fid_samples, "mnist_fid_test_images": test.shape[0],
+                    "mnist_fid_real_train_vs_test": fid_ref, "steps": args.steps, "model": args.model, **spread})
         print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
-              f"{test.shape[0]} test digits; real training digits score {fid_ref:.2f}); "
+              f"{test.shape[0]} test digits; {train_ref.shape[0]} real training digits score {fid_ref:.2f}); "
               f"outputs in {out}/")
     C.cleanup_distributed()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
