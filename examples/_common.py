@@ -61,6 +61,7 @@ __all__ = [
     "seed_all",
     "mnist_fid",
     "TrainRun",
+    "average_gradients",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -455,3 +456,18 @@ class TrainRun:
         """Record end-of-run metrics (e.g. the FID) in ``metrics.json`` (rank 0)."""
         self.log.final.update(final)
         self.log.write()
+
+
+def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
+    """All-reduce (mean) the gradients of ``params`` across ranks: data parallelism for models
+    that are not called through a DistributedDataParallel wrapper."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= d.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

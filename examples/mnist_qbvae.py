@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+r"""Q-β-VAE on MNIST with Appendix C's EM, and the β-VAE and λ = 0 baselines (Table 1).
+
+Run::
+
+    python examples/mnist_qbvae.py                       # Q-β-VAE, A = 10, β = 4, λ = 1
+    python examples/mnist_qbvae.py --model bvae          # β-VAE (one decoder, A = 1)
+    python examples/mnist_qbvae.py --model qbvae-l0      # Q-β-VAE with λ = 0
+
+The decoder is the Q-WGAN generator without BatchNorm emitting Bernoulli logits
+(``qmm_plugin.models.beta_vae_decoder``), converted with ``qmm_plugin.convert(dec, num_biases=A)``:
+A decoders sharing every weight. Each minibatch gets ``--em-repeats`` (10) EM iterations:
+
+* E-step: responsibilities :math:`\gamma^{(i)} = p^{(i)}(x|z) / \sum_j p^{(j)}(x|z)` (uniform π),
+  computed at the current parameters and held fixed (detached);
+* M-step: one Adam step on :math:`-\mathbb E_{q(z|x)}[\sum_i \gamma^{(i)} \log p^{(i)}(x|z)]
+  + \beta\,\mathrm{KL}(q(z|x)\,\|\,p(z)) + \lambda R_{BA}` (Eq. 2).
+
+Both steps use one evaluation of :math:`\log p^{(i)}(x|z)` for all A decoders
+(:func:`decode_all_manifolds`): the first converted layer's matmul ``F.linear(z, W)`` runs once
+and the A biases are broadcast onto it; the rest of the decoder runs once on the stacked
+``(A·B)`` batch. λ = 1: NOTES.md writes the M-step objective with ``+ R_BA`` (no weight).
+Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
+
+Outputs in ``--out`` as for ``mnist_qwgan.py``: ``samples_step{N}.png`` (rows = decoders, columns
+= shared z; pixel = Bernoulli mean), ``metrics.csv/json`` (ELBO terms, R_BA, final MNIST-FID),
+``checkpoint.pt`` (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import qmm_plugin  # noqa: E402
+from qmm_plugin import MultiBiasLinear, QuotientModel  # noqa: E402
+from qmm_plugin.data import load_mnist, to_model_range  # noqa: E402
+from qmm_plugin.models import BetaVAEEncoder, beta_vae_decoder, gaussian_kl, reparameterize  # noqa: E402
+from qmm_plugin.viz import save_manifold_grid  # noqa: E402
+
+MODELS = ("qbvae", "bvae", "qbvae-l0")
+Z_DIM = 8
+
+
+def decoder_layers(q: QuotientModel) -> list[nn.Module]:
+    """The converted ``ConvGenerator``'s modules in execution order (its forward is
+    ``deconv(unflatten(fc(z)))``): ``[*fc, unflatten, *deconv]``."""
+    m = q.model
+    return [*m.fc, m.unflatten, *m.deconv]
+
+
+def decode_all_manifolds(q: QuotientModel, z: Tensor) -> Tensor:
+    """Logits of every decoder for every z: ``(A, B, 1, 28, 28)``; row ``i`` = decoder ``i``.
+
+    The first layer is a :class:`~qmm_plugin.MultiBiasLinear`: its matmul ``F.linear(z, W)`` is
+    computed once for the batch and the A biases are broadcast onto it, giving the stacked
+    ``(A·B, out)`` hidden layer (block ``i`` = manifold ``i``). The remaining layers run once on
+    that stacked batch, each later multi-bias layer with manifold index
+    ``arange(A).repeat_interleave(B)`` (``MultiBiasLinear(x, manifold=...)``).
+    """
+    layers = decoder_layers(q)
+    first = layers[0]
+    if not isinstance(first, MultiBiasLinear):
+        raise TypeError(f"expected the decoder's first layer to be converted, got {type(first).__name__}")
+    a, b = q.num_biases, z.shape[0]
+    h = (F.linear(z, first.weight).unsqueeze(0) + first.bias_bank.unsqueeze(1)).reshape(a * b, -1)
+    index = torch.arange(a, device=z.device).repeat_interleave(b)
+    for layer in layers[1:]:
+        h = layer(h, manifold=index) if isinstance(layer, MultiBiasLinear) else layer(h)
+    return h.reshape(a, b, *h.shape[1:])
+
+
+def em_losses(q: QuotientModel, encoder: nn.Module, x: Tensor, beta: float) -> dict[str, Tensor]:
+    """One EM iteration's terms for a batch ``x`` in [-1, 1] (Appendix C).
+
+    Returns ``loss`` (M-step objective without R_BA, batch mean), ``nll`` (−Σ γ log p),
+    ``kl``, ``log_px`` (log-likelihood under the best decoder) and ``gamma`` (A, B).
+    """
+    target = (x + 1) / 2
+    mu, logvar = encoder(x)
+    z = reparameterize(mu, logvar)
+    logits = decode_all_manifolds(q, z)  # (A, B, 1, 28, 28)
+    a, b = logits.shape[:2]
+    log_p = -F.binary_cross_entropy_with_logits(
+        logits, target.unsqueeze(0).expand_as(logits), reduction="none").reshape(a, b, -1).sum(-1)
+    gamma = torch.softmax(log_p.detach(), dim=0)  # E-step: uniform π cancels; held fixed
+    nll = -(gamma * log_p).sum(0)
+    kl = gaussian_kl(mu, logvar)
+    return {"loss": (nll + beta * kl).mean(), "nll": nll.mean(), "kl": kl.mean(),
+            "log_px_best": log_p.detach().max(0).values.mean(), "gamma": gamma}
+
+
+@torch.no_grad()
+def sample_grid(q: QuotientModel, columns: int, device: torch.device, seed: int) -> Tensor:
+    """``(A, columns, 1, 28, 28)`` Bernoulli means in [0, 1]: row = decoder, column = shared z."""
+    z = torch.randn(columns, Z_DIM, generator=torch.Generator().manual_seed(seed)).to(device)
+    return torch.sigmoid(decode_all_manifolds(q, z)).cpu()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="qbvae", help="which VAE (default: qbvae)")
+    p.add_argument("--num-biases", type=int, default=10, help="A for qbvae / qbvae-l0 (default: 10)")
+    p.add_argument("--beta", type=float, default=4.0, help="β of the KL term (default: 4)")
+    p.add_argument("--lam", type=float, default=None, help="λ of λ·R_BA for qbvae (default: 1)")
+    p.add_argument("--em-repeats", type=int, default=10, help="EM iterations per minibatch (default: 10)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: 2e-4)")
+    p.add_argument("--grid-columns", type=int, default=10, help="shared z per sample grid (default: 10)")
+    C.add_common_args(p, out="runs/mnist_qbvae", steps=150, batch_size=32, sample_every=50, ckpt_every=50,
+                      fid_samples=2000)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.em_repeats = min(args.steps, 2), 8, min(args.em_repeats, 2)
+        args.fid_samples = min(args.fid_samples, 100)
+        args.sample_every, args.ckpt_every, args.log_every = args.steps, 1, 1
+    C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "em_repeats",
+                     "grid_columns", "num_biases")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    d = C.setup_distributed(args.device)
+    out = Path(args.out)
+    C.seed_all(args.seed)
+    a = 1 if args.model == "bvae" else args.num_biases
+    lam = 0.0 if args.model != "qbvae" else (1.0 if args.lam is None else args.lam)
+    q = qmm_plugin.convert(beta_vae_decoder(Z_DIM), num_biases=a).to(d.device)
+    encoder = BetaVAEEncoder(Z_DIM).to(d.device)
+    opt = torch.optim.Adam([*encoder.parameters(), *q.parameters()], lr=args.lr)
+    images, _ = load_mnist(args.data_dir, "train")
+    batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
+                               world_size=d.world_size)
+    settings = {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta,
+                "world_size": d.world_size, "batch_size": args.batch_size, "seed": args.seed}
+    run = C.TrainRun(args, d, settings, {"decoder": q, "encoder": encoder}, {"adam": opt})
+    # Under torchrun the decoder is used outside its forward (decode_all_manifolds), so gradients
+    # are averaged by hand after backward instead of through a DDP wrapper.
+    params = [p for p in [*encoder.parameters(), *q.parameters()] if p.requires_grad]
+
+    def train_step(step: int) -> dict[str, float]:
+        x = batches.batch(step - 1, d.device)
+        for _ in range(args.em_repeats):
+            terms = em_losses(q, encoder, x, args.beta)
+            loss = terms["loss"]
+            r_ba = q.ba_regularizer() if lam > 0 else None
+            if r_ba is not None:
+                loss = loss + lam * r_ba
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if d.enabled:
+                C.average_gradients(params, d)
+            opt.step()
+        row = {"loss": loss.item(), "nll": terms["nll"].item(), "kl": terms["kl"].item(),
+               "log_px_best": terms["log_px_best"].item(),
+               "gamma_max_mean": terms["gamma"].max(0).values.mean().item()}
+        if r_ba is not None:
+            row["r_ba"] = r_ba.item()
+        return row
+
+    def on_sample(step: int) -> dict[str, float]:
+        save_manifold_grid(sample_grid(q, args.grid_columns, d.device, args.seed + 12345),
+                           out / f"samples_step{step}.png", value_range=(0.0, 1.0), scale=2)
+        if a < 2:
+            return {}
+        return {f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()}
+
+    code = run.run(train_step, on_sample, args.model)
+    if code == 0 and d.is_main and args.fid_samples > 0:
+        gen = torch.Generator().manual_seed(args.seed + 777)
+
+        @torch.no_grad()
+        def sample(k: int) -> Tensor:
+            z = torch.randn(k, Z_DIM, generator=gen).to(d.device)
+            i = torch.randint(0, a, (k,), generator=gen).to(d.device)
+            return torch.sigmoid(q(z, manifold=i)) * 2 - 1  # Bernoulli mean, in [-1, 1]
+
+        test, _ = load_mnist(args.data_dir, "test")
+        fid = C.mnist_fid(sample, args.fid_samples, test)
+        final: dict[str, Any] = {"mnist_fid": fid, "mnist_fid_samples": args.fid_samples,
+                                 "steps": args.steps, "model": args.model}
+        final.update({k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")})
+        run.finish(final)
+        print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
+              f"{test.shape[0]} test digits); outputs in {out}/")
+    C.cleanup_distributed()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
