@@ -1,0 +1,100 @@
+"""Interleaved timing: every variant runs once per round (round-robin), so slow drift of a shared,
+noisy machine hits all variants alike; ratios are taken per round (paired) and summarised by
+their median and inter-quartile range."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Per-variant seconds of every round (one call each)."""
+
+    samples: dict[str, list[float]]
+
+    def summary(self, name: str) -> dict[str, float]:
+        """Median and quartiles in milliseconds."""
+        return _quartiles([t * 1e3 for t in self.samples[name]])
+
+    def ratio(self, name: str, baseline: str) -> dict[str, float]:
+        """Paired per-round ratio ``name / baseline``: median and quartiles."""
+        return _quartiles([a / b for a, b in zip(self.samples[name], self.samples[baseline])])
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        v = values[0]
+        return {"median": v, "q1": v, "q3": v, "n": len(values)}
+    q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": med, "q1": q1, "q3": q3, "n": len(values)}
+
+
+def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | None = None,
+                warmup: int = 2, budget_s: float = 3.0, min_rounds: int = 5, max_rounds: int = 25
+                ) -> Timing:
+    """Time ``variants`` round-robin.
+
+    After ``warmup`` untimed rounds, the number of rounds is ``rounds`` if given, else as many as
+    fit ``budget_s`` (estimated from the warm-up), clamped to ``[min_rounds, max_rounds]``.
+    """
+    if not variants:
+        raise ValueError("interleaved: no variants to time")
+    per_round = 0.0
+    for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        for fn in variants.values():
+            fn()
+        per_round = time.perf_counter() - t0
+    if rounds is None:
+        rounds = int(budget_s / max(per_round, 1e-9))
+        rounds = max(min_rounds, min(max_rounds, rounds))
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        # rotate the starting variant so no variant always runs right after the same neighbour
+        items = list(variants.items())
+        items = items[r % len(items):] + items[:r % len(items)]
+        for name, fn in items:
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return Timing(samples)
+
+
+def machine() -> dict[str, object]:
+    """Description of the machine and software the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git_commit": commit,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }

@@ -1,0 +1,340 @@
+"""QMM performance benchmarks: the single entry point.
+
+Writes ``results.json`` and ``RESULTS.md`` under ``--out`` (default ``benchmarks/results``).
+Every table compares variants measured in ONE run, interleaved round-robin; times are medians
+with the inter-quartile range, ratios are medians of per-round (paired) ratios.
+
+Sections:
+
+* ``layer``: forward+backward of one layer at the paper's shapes — ``MultiBiasLinear``'s op vs
+  plain ``nn.Linear`` (the floor) vs an A-generator loop (DMWGAN style: A full-width linears,
+  each on its own samples) vs ``F.linear(x, W) + bank[idx]`` (autograd gather);
+* ``gan``: one critic + one generator step on MNIST shapes, B=64: WGAN vs Q-WGAN (A=10, with the
+  Eq. 2 regularizer) vs the DMWGAN-style ``MultiGenerator``; also the critic without spectral
+  norm and the regularizer's share of the generator step;
+* ``vae``: Q-β-VAE's EM step (A decoders batched through the op) vs a β-VAE step vs running the
+  decoder A times.
+
+Usage::
+
+    python benchmarks/run.py            # full run (~10-15 min on 2 cores)
+    python benchmarks/run.py --quick    # < 2 min
+    python benchmarks/run.py --tiny --out /tmp/x   # seconds; used by the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved, machine  # noqa: E402
+
+import qmm_plugin  # noqa: E402
+from qmm_plugin.io import atomic_write_text  # noqa: E402
+
+PAPER_SHAPES = [(8, 1024), (1024, 6272), (10, 256), (256, 8192)]
+LOOP_MAX_PARAMS = 2e8  # skip the A-generator loop beyond this many weights (A*in*out; memory)
+
+
+def balanced_index(batch: int, num: int, gen: torch.Generator) -> Tensor:
+    """A uniform-looking manifold index with every group of equal size (±1), shuffled.
+
+    BatchNorm in train mode needs >= 2 rows per group for the multi-generator baselines, and a
+    balanced split makes every variant do the same work in every round.
+    """
+    return (torch.arange(batch) % num)[torch.randperm(batch, generator=gen)]
+
+
+# ------------------------------------------------------------------------------------- layer
+def layer_variants(fan_in: int, fan_out: int, batch: int, num: int, gen: torch.Generator
+                   ) -> dict[str, Callable[[], None]]:
+    x = torch.randn(batch, fan_in, generator=gen, requires_grad=True)
+    grad = torch.randn(batch, fan_out, generator=gen)
+    idx = balanced_index(batch, num, gen)
+    linear = nn.Linear(fan_in, fan_out)
+    mbl = qmm_plugin.MultiBiasLinear(fan_in, fan_out, num)
+    w, bank = mbl.weight, mbl.bias_bank
+
+    def run_linear() -> None:
+        linear(x).backward(grad)
+
+    def run_op() -> None:
+        mbl(x, manifold=idx).backward(grad)
+
+    def run_gather() -> None:
+        (F.linear(x, w) + bank[idx]).backward(grad)
+
+    out: dict[str, Callable[[], None]] = {"nn.Linear": run_linear, "MultiBiasLinear": run_op,
+                                          "F.linear+bank[idx]": run_gather}
+    if num * fan_in * fan_out <= LOOP_MAX_PARAMS:
+        loop = nn.ModuleList(nn.Linear(fan_in, fan_out) for _ in range(num))
+        groups = [(idx == g).nonzero(as_tuple=True)[0] for g in range(num)]
+
+        def run_loop() -> None:
+            y = x.new_empty(batch, fan_out)
+            for g, rows in enumerate(groups):
+                if rows.numel():
+                    y = y.index_copy(0, rows, loop[g](x[rows]))
+            y.backward(grad)
+
+        out["A-generator loop"] = run_loop
+    return out
+
+
+def bench_layer(shapes: list[tuple[int, int]], batches: list[int], nums: list[int], budget_s: float,
+                max_rounds: int) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    total = len(shapes) * len(batches) * len(nums)
+    for k, ((fi, fo), b, a) in enumerate((s, b, a) for s in shapes for b in batches for a in nums):
+        variants = layer_variants(fi, fo, b, a, gen)
+        t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds)
+        row: dict[str, Any] = {"in": fi, "out": fo, "B": b, "A": a,
+                               "ms": {n: t.summary(n) for n in variants},
+                               "ratio_vs_linear": {n: t.ratio(n, "nn.Linear") for n in variants}}
+        if "A-generator loop" in variants:
+            row["loop_over_op"] = t.ratio("A-generator loop", "MultiBiasLinear")
+        rows.append(row)
+        r = row["ratio_vs_linear"]["MultiBiasLinear"]
+        print(f"[layer {k + 1}/{total}] {fi}->{fo} B={b} A={a}: op/linear = {r['median']:.3f} "
+              f"(IQR {r['q1']:.3f}-{r['q3']:.3f}, n={r['n']})", flush=True)
+        del variants
+    return rows
+
+
+# --------------------------------------------------------------------------------------- GAN
+def gan_variants(batch: int, num: int, lam: float, gen: torch.Generator, tiny: bool
+                 ) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]]]:
+    """Step closures (critic + generator step) and, separately, generator-only closures."""
+    from qmm_plugin.models import MNISTCritic, MNISTGenerator, MultiGenerator
+
+    real = torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1
+    z_dim = 8
+
+    def make(g_model: nn.Module, kind: str, sn: bool = True
+             ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+        critic = MNISTCritic(spectral_norm=sn)
+        opt_d = torch.optim.Adam(critic.parameters(), 1e-4, betas=(0.5, 0.9))
+        opt_g = torch.optim.Adam(g_model.parameters(), 1e-4, betas=(0.5, 0.9))
+
+        def sample() -> Tensor:
+            z = torch.randn(batch, z_dim)
+            if kind == "multi":
+                return g_model(z, balanced_index(batch, num, gen))
+            if kind == "qmm":
+                return g_model(z, manifold=balanced_index(batch, num, gen))
+            return g_model(z)
+
+        def critic_step() -> None:
+            opt_d.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                fake = sample()
+            loss = critic(fake).mean() - critic(real).mean()
+            loss.backward()
+            opt_d.step()
+
+        def gen_step(reg: bool = True) -> None:
+            opt_g.zero_grad(set_to_none=True)
+            loss = -critic(sample()).mean()
+            if kind == "qmm" and reg:
+                loss = loss + lam * g_model.ba_regularizer()
+            loss.backward()
+            opt_g.step()
+
+        def step() -> None:
+            critic_step()
+            gen_step()
+
+        return step, lambda: gen_step(True), lambda: gen_step(False)
+
+    wgan, wgan_g, _ = make(MNISTGenerator(z_dim), "plain")
+    qwgan, qwgan_g, qwgan_g_noreg = make(qmm_plugin.convert(MNISTGenerator(z_dim), num), "qmm")
+    multi, _, _ = make(MultiGenerator(num, z_dim=z_dim), "multi")
+    wgan_nosn, _, _ = make(MNISTGenerator(z_dim), "plain", sn=False)
+    steps = {"WGAN": wgan, "Q-WGAN": qwgan, "DMWGAN-style": multi, "WGAN (critic w/o SN)": wgan_nosn}
+    gsteps = {"WGAN G step": wgan_g, "Q-WGAN G step": qwgan_g, "Q-WGAN G step w/o R_BA": qwgan_g_noreg}
+    return steps, gsteps
+
+
+def bench_gan(batch: int, num: int, budget_s: float, max_rounds: int, tiny: bool) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    steps, gsteps = gan_variants(batch, num, 1.0, gen, tiny)
+    t = interleaved(steps, budget_s=budget_s, max_rounds=max_rounds)
+    out: dict[str, Any] = {"B": batch, "A": num,
+                           "ms": {n: t.summary(n) for n in steps},
+                           "ratio_vs_wgan": {n: t.ratio(n, "WGAN") for n in steps}}
+    print(f"[gan] Q-WGAN/WGAN = {out['ratio_vs_wgan']['Q-WGAN']['median']:.3f}, "
+          f"DMWGAN/WGAN = {out['ratio_vs_wgan']['DMWGAN-style']['median']:.3f}", flush=True)
+    tg = interleaved(gsteps, budget_s=budget_s, max_rounds=max_rounds)
+    out["generator_step_ms"] = {n: tg.summary(n) for n in gsteps}
+    out["generator_step_ratio"] = {n: tg.ratio(n, "WGAN G step") for n in gsteps}
+    out["regularizer_share_of_qwgan_g_step"] = {
+        k: 1.0 - v for k, v in tg.ratio("Q-WGAN G step w/o R_BA", "Q-WGAN G step").items() if k != "n"}
+    # the regularizer alone (forward + backward) on the converted generator's layers
+    from qmm_plugin.models import MNISTGenerator
+
+    q = qmm_plugin.convert(MNISTGenerator(8), num)
+    tr = interleaved({"R_BA fwd+bwd": lambda: q.ba_regularizer().backward()}, budget_s=budget_s / 3,
+                     max_rounds=max_rounds)
+    out["regularizer_alone_ms"] = tr.summary("R_BA fwd+bwd")
+    return out
+
+
+# --------------------------------------------------------------------------------------- VAE
+def bench_vae(batch: int, num: int, budget_s: float, max_rounds: int) -> dict[str, Any]:
+    from qmm_plugin.models import BetaVAEEncoder, bernoulli_log_likelihood, beta_vae_decoder, gaussian_kl
+    from qmm_plugin.models import reparameterize
+
+    gen = torch.Generator().manual_seed(2)
+    x01 = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float()
+    beta, lam = 4.0, 1.0
+
+    def make(kind: str) -> Callable[[], None]:
+        enc = BetaVAEEncoder(8)
+        dec: nn.Module = beta_vae_decoder(8)
+        if kind != "plain":
+            dec = qmm_plugin.convert(dec, num)
+        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], 1e-4)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            mu, logvar = enc(x01)
+            z = reparameterize(mu, logvar)
+            kl = gaussian_kl(mu, logvar)
+            if kind == "plain":
+                loss = (-bernoulli_log_likelihood(dec(z), x01) + beta * kl).mean()
+            else:
+                if kind == "batched":  # all A decoders in one call: B*A rows through the op
+                    manifold = torch.arange(num).repeat_interleave(batch)
+                    logits = dec(z.repeat(num, 1), manifold=manifold)
+                    logp = bernoulli_log_likelihood(logits, x01.repeat(num, 1, 1, 1)).view(num, batch).t()
+                else:  # the decoder run A times, one manifold each
+                    logp = torch.stack([bernoulli_log_likelihood(dec(z, manifold=i), x01)
+                                        for i in range(num)], 1)
+                gamma = torch.softmax(logp.detach(), 1)  # E-step (uniform pi), fixed in the M-step
+                loss = (-(gamma * logp).sum(1) + beta * kl).mean() + lam * dec.ba_regularizer()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    variants = {"beta-VAE": make("plain"), "Q-beta-VAE EM (batched op)": make("batched"),
+                "Q-beta-VAE EM (decoder x A)": make("loop")}
+    t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds)
+    out = {"B": batch, "A": num, "ms": {n: t.summary(n) for n in variants},
+           "ratio_vs_beta_vae": {n: t.ratio(n, "beta-VAE") for n in variants},
+           "loop_over_batched": t.ratio("Q-beta-VAE EM (decoder x A)", "Q-beta-VAE EM (batched op)")}
+    print(f"[vae] EM(batched)/beta-VAE = {out['ratio_vs_beta_vae']['Q-beta-VAE EM (batched op)']['median']:.3f}",
+          flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------- report
+def _fmt(s: dict[str, float], digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} [{s['q1']:.{digits}f}–{s['q3']:.{digits}f}]"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        "# QMM benchmarks", "",
+        f"Produced by `{res['command']}` on {m['date_utc']} UTC (git {m['git_commit']}).", "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with "
+        f"{m['torch_threads']} threads, {m['platform']}; CUDA available: {m['cuda_available']}. "
+        f"Load average at start {m['loadavg_at_start']}, at end {res.get('loadavg_at_end')}"
+        " (the machine is shared; a load above the core count means other jobs ran concurrently).", "",
+        "Times: median [q1–q3] ms over interleaved rounds. Ratios: median [q1–q3] of per-round "
+        "ratios (variants measured in the same round).", "",
+    ]
+    if "layer" in res:
+        lines += ["## Layer forward+backward", "",
+                  "`op` = MultiBiasLinear (the custom op), `gather` = `F.linear(x, W) + bank[idx]`, "
+                  "`loop` = A full-width nn.Linear each on its own samples (DMWGAN style; skipped "
+                  f"when A·in·out > {LOOP_MAX_PARAMS:.0e} weights).", "",
+                  "| in→out | B | A | nn.Linear ms | op ms | op / Linear | gather / Linear | loop / Linear | loop / op |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["layer"]:
+            rv = r["ratio_vs_linear"]
+            loop = _fmt(rv["A-generator loop"]) if "A-generator loop" in rv else "–"
+            lo = _fmt(r["loop_over_op"], 1) if "loop_over_op" in r else "–"
+            lines.append(f"| {r['in']}→{r['out']} | {r['B']} | {r['A']} | {_fmt(r['ms']['nn.Linear'])} | "
+                         f"{_fmt(r['ms']['MultiBiasLinear'])} | {_fmt(rv['MultiBiasLinear'], 3)} | "
+                         f"{_fmt(rv['F.linear+bank[idx]'], 3)} | {loop} | {lo} |")
+        lines.append("")
+    if "gan" in res:
+        g = res["gan"]
+        lines += [f"## GAN training step (one critic + one generator step, B={g['B']}, A={g['A']})", "",
+                  "| variant | ms | / WGAN |", "|---|---|---|"]
+        for n, s in g["ms"].items():
+            lines.append(f"| {n} | {_fmt(s, 1)} | {_fmt(g['ratio_vs_wgan'][n], 3)} |")
+        lines += ["", "Generator step alone:", "", "| variant | ms | / WGAN G step |", "|---|---|---|"]
+        for n, s in g["generator_step_ms"].items():
+            lines.append(f"| {n} | {_fmt(s, 1)} | {_fmt(g['generator_step_ratio'][n], 3)} |")
+        sh = g["regularizer_share_of_qwgan_g_step"]
+        lines += ["", f"Regularizer (Eq. 2) share of the Q-WGAN generator step: {100 * sh['median']:.1f}% "
+                  f"(IQR {100 * sh['q3']:.1f}–{100 * sh['q1']:.1f}%); R_BA forward+backward alone: "
+                  f"{_fmt(g['regularizer_alone_ms'])} ms.", ""]
+    if "vae" in res:
+        v = res["vae"]
+        lines += [f"## VAE step (B={v['B']}, A={v['A']})", "", "| variant | ms | / β-VAE |", "|---|---|---|"]
+        for n, s in v["ms"].items():
+            lines.append(f"| {n} | {_fmt(s, 1)} | {_fmt(v['ratio_vs_beta_vae'][n], 3)} |")
+        lines += ["", f"Decoder run A times / batched op: {_fmt(v['loop_over_batched'], 2)}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a subset, < 2 minutes")
+    mode.add_argument("--tiny", action="store_true", help="toy sizes, seconds (smoke test only)")
+    p.add_argument("--sections", default="layer,gan,vae", help="comma list of layer,gan,vae")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"layer", "gan", "vae"}
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from layer,gan,vae")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    res: dict[str, Any] = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           "machine": machine()}
+    res["command"] = res["command"].strip()
+    t0 = time.time()
+    if args.tiny:
+        cfg = dict(shapes=[(8, 16)], batches=[4], nums=[1, 2], budget=0.05, rounds=3, gan_b=4, gan_a=2)
+    elif args.quick:
+        cfg = dict(shapes=[(8, 1024), (1024, 6272)], batches=[64], nums=[1, 10, 100], budget=2.0, rounds=15,
+                   gan_b=64, gan_a=10)
+    else:
+        cfg = dict(shapes=PAPER_SHAPES, batches=[64, 256, 1024], nums=[1, 4, 10, 20, 100], budget=2.5,
+                   rounds=21, gan_b=64, gan_a=10)
+    if "layer" in sections:
+        res["layer"] = bench_layer(cfg["shapes"], cfg["batches"], cfg["nums"], cfg["budget"], cfg["rounds"])
+    if "gan" in sections:
+        res["gan"] = bench_gan(cfg["gan_b"], cfg["gan_a"], 4 * cfg["budget"], cfg["rounds"], args.tiny)
+    if "vae" in sections:
+        res["vae"] = bench_vae(cfg["gan_b"], cfg["gan_a"], 4 * cfg["budget"], cfg["rounds"])
+    res["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res["wall_s"] = time.time() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(res, indent=1), args.out / "results.json")
+    atomic_write_text(markdown(res), args.out / "RESULTS.md")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'} in {res['wall_s']:.0f} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()

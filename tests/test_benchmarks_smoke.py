@@ -1,0 +1,56 @@
+"""The benchmark entry point runs end to end on toy sizes and writes valid JSON + markdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("qmm_benchmarks_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_layer_run_writes_results(tmp_path: Path) -> None:
+    run = _load_run()
+    run.main(["--tiny", "--threads", "1", "--sections", "layer", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["machine"]["torch_threads"] == 1
+    rows = res["layer"]
+    assert [(r["in"], r["out"], r["B"], r["A"]) for r in rows] == [(8, 16, 4, 1), (8, 16, 4, 2)]
+    for r in rows:
+        for name in ("nn.Linear", "MultiBiasLinear", "F.linear+bank[idx]", "A-generator loop"):
+            s = r["ms"][name]
+            assert 0 < s["q1"] <= s["median"] <= s["q3"] and s["n"] >= 3
+        assert r["ratio_vs_linear"]["nn.Linear"]["median"] == 1.0
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| 8→16 | 4 | 2 |" in md
+
+
+def test_unknown_section_is_rejected(tmp_path: Path, capsys) -> None:
+    run = _load_run()
+    try:
+        run.main(["--tiny", "--sections", "nope", "--out", str(tmp_path)])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("an unknown section must be rejected")
+    assert "unknown sections" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_all_sections(tmp_path: Path) -> None:
+    run = _load_run()
+    run.main(["--tiny", "--threads", "1", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["gan"]["ms"]) == {"WGAN", "Q-WGAN", "DMWGAN-style", "WGAN (critic w/o SN)"}
+    assert 0.0 < res["gan"]["regularizer_alone_ms"]["median"]
+    assert set(res["vae"]["ms"]) == {"beta-VAE", "Q-beta-VAE EM (batched op)", "Q-beta-VAE EM (decoder x A)"}
