@@ -306,3 +306,18 @@ def test_invert_function_matches_method() -> None:
     x = torch.randn(2, 100, generator=torch.Generator().manual_seed(0))
     a, b = invert(q, x, steps=20, seed=3), q.invert(x, steps=20, seed=3)
     torch.testing.assert_close(a.z, b.z)
+
+
+def test_tangential_basis_cache_follows_weight_updates() -> None:
+    from qmm_plugin.inversion import _cached_tangential_basis
+
+    q = aligned_mlp()
+    layer = q.multi_bias_layers()["4"]
+    first = _cached_tangential_basis(layer)
+    assert _cached_tangential_basis(layer) is first
+    with torch.no_grad():
+        layer.weight.mul_(2.0).add_(torch.randn_like(layer.weight))  # a training step changes W
+    second = _cached_tangential_basis(layer)
+    assert second is not first
+    proj = second @ (second.t() @ layer.weight.detach())
+    torch.testing.assert_close(proj, layer.weight.detach(), rtol=1e-4, atol=1e-4)
