@@ -33,6 +33,15 @@ code does not — z is only identifiable once the tangential part of every bias 
 soft penalty leaves it loose. ``benchmarks/bench_inversion.py`` measures both modes on an aligned
 MLP and writes the z errors to ``benchmarks/results/inversion.md``.
 
+Identifiability: z and the normal parts of the biases are determined by the image only when the
+generator is injective in them, e.g. when every layer after the converted ones is injective (the
+aligned MLPs of the tests, where z is recovered to < 1 %). On the paper's MNIST generator the free
+normal space of FC6272 alone has 6272 - 1024 = 5248 dimensions, more than the 784 pixels, and the
+convolutional tail is not injective: almost every image is reproduced exactly by many
+:math:`(z, \{a_l\})`, so Eq. 3 reconstructs the image but returns *one* of these codes, not the
+generating one (``benchmarks/results/inversion.md``: reconstruction error < 0.1 % while the z error
+stays near 100 %). Which code comes back then depends on the start (``seed``, ``restarts``).
+
 The fit runs the generator in eval mode (BatchNorm in train mode would couple the images of a
 batch), with every parameter frozen; modes and ``requires_grad`` flags are restored afterwards and
 no ``.grad`` is written. Adam's update is element-wise, so the per-image objectives stay
@@ -181,7 +190,8 @@ def _check_images(x: Tensor, shape: torch.Size, like: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor of images (B, {', '.join(map(str, shape))}), got {type(x).__name__}")
     if tuple(x.shape[1:]) != tuple(shape) or x.shape[0] < 1:
-        hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if tuple(x.shape) == tuple(shape) else ""
+        single = tuple(x.shape) == tuple(shape)
+        hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if single else ""
         raise ValueError(
             f"x has shape {tuple(x.shape)} but the generator makes images of shape (B, "
             f"{', '.join(map(str, shape))}){hint}; pass a batch of images of that shape")
