@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["multi_bias_linear", "sample_bias_linear"]
+__all__ = ["multi_bias_linear", "sample_bias_linear", "segment_sum"]
 
 
 def _affine_rows(x: Tensor, weight: Tensor, bias_rows: Tensor) -> Tensor:
@@ -79,6 +79,22 @@ def _check_shapes(x: Tensor, weight: Tensor, rows: int, what: str) -> None:
         raise ValueError(f"qmm_plugin.ops: {what} has {rows} rows but the batch has {x.shape[0]}")
 
 
+# ------------------------------------------------------------------------------ segment sum
+@torch.library.custom_op("qmm::segment_sum", mutates_args=())
+def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """``out[a] = sum of values[b] over b with index[b] == a``: ``(B, n) -> (num_segments, n)``.
+
+    The bias bank's gradient (a segmented reduction over the samples of each manifold); its own op
+    so that a device kernel (the Triton one on CUDA) can replace ``index_add_``.
+    """
+    return values.new_zeros(num_segments, values.shape[-1]).index_add_(0, index, values)
+
+
+@segment_sum.register_fake
+def _(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    return values.new_empty((num_segments, values.shape[-1]))
+
+
 # --------------------------------------------------------------------------------- bank + index
 @torch.library.custom_op("qmm::multi_bias_linear", mutates_args=())
 def multi_bias_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tensor:
@@ -111,7 +127,7 @@ def _mbl_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     grad_x, grad_w = _linear_input_grads(grad, x, weight, need_x, need_w)
     grad_bank = None
     if need_bank:  # segment sum over the samples of each manifold
-        grad_bank = grad.new_zeros(ctx.num_biases, grad.shape[-1]).index_add_(0, index, _per_sample(grad))
+        grad_bank = segment_sum(_per_sample(grad), index, ctx.num_biases)
     return grad_x, grad_w, grad_bank, None
 
 
