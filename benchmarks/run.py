@@ -297,7 +297,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a subset, < 2 minutes")
+    mode.add_argument("--quick", action="store_true", help="B=64, A in {1,10,100}: a few minutes")
     mode.add_argument("--tiny", action="store_true", help="toy sizes, seconds (smoke test only)")
     p.add_argument("--sections", default="layer,gan,vae", help="comma list of layer,gan,vae")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tiny:
         cfg = dict(shapes=[(8, 16)], batches=[4], nums=[1, 2], budget=0.05, rounds=3, gan_b=4, gan_a=2)
     elif args.quick:
-        cfg = dict(shapes=[(8, 1024), (1024, 6272)], batches=[64], nums=[1, 10, 100], budget=2.0, rounds=15,
+        cfg = dict(shapes=PAPER_SHAPES, batches=[64], nums=[1, 10, 100], budget=2.0, rounds=15,
                    gan_b=64, gan_a=10)
     else:
         cfg = dict(shapes=PAPER_SHAPES, batches=[64, 256, 1024], nums=[1, 4, 10, 20, 100], budget=2.5,

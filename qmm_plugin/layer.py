@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .ops import multi_bias_linear, sample_bias_linear
+from .ops import bank_linear, rows_linear
 
 __all__ = ["MultiBiasLinear", "ManifoldSelection", "Manifold"]
 
@@ -153,12 +153,12 @@ class MultiBiasLinear(nn.Module):
         if sel.biases is not None and self.path in sel.biases:
             return self._explicit(x, sel.biases[self.path])
         index = sel.resolve_index(x.shape[0], x.device, self.path)
-        return multi_bias_linear(x, self.weight, self.bias_bank, index)
+        return bank_linear(x, self.weight, self.bias_bank, index)
 
     def _explicit(self, x: Tensor, bias: Tensor) -> Tensor:
         """Explicit bias rows: ``(out,)`` is shared by the batch, ``(B, out)`` is one row per sample."""
         rows = bias.expand(x.shape[0], self.out_features) if bias.dim() == 1 else bias
-        return sample_bias_linear(x, self.weight, rows)
+        return rows_linear(x, self.weight, rows)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         bank = state_dict.get(prefix + "bias_bank")

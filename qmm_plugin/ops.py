@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["multi_bias_linear", "sample_bias_linear", "segment_sum"]
+__all__ = ["multi_bias_linear", "sample_bias_linear", "segment_sum", "bank_linear", "rows_linear"]
 
 
 def _affine_rows(x: Tensor, weight: Tensor, bias_rows: Tensor) -> Tensor:
@@ -164,3 +164,34 @@ def _sbl_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 sample_bias_linear.register_autograd(_sbl_backward, setup_context=_sbl_setup)
+
+
+# ------------------------------------------------------------------------ layer entry points
+def _eager_reference(x: Tensor) -> bool:
+    """True when the call can skip the custom-op dispatcher: eager mode on a CPU tensor."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tensor:
+    """What :class:`~qmm_plugin.MultiBiasLinear` calls: :func:`multi_bias_linear`'s result.
+
+    Under ``torch.compile`` and on devices with a registered kernel (CUDA: Triton) this *is* the
+    custom op, so graphs keep one node per layer. In eager mode on the CPU it runs the op's
+    reference computation (``addmm`` with ``bank.index_select``) directly under autograd, whose
+    backward is the same (``index_add_`` segment sum for the bank): this skips the custom-op
+    dispatcher, about 0.3 ms per forward+backward, which at the paper's small layers
+    (8→1024, B=64) is as much as the matmuls themselves (``benchmarks/run.py``).
+    """
+    if not _eager_reference(x):
+        return multi_bias_linear(x, weight, bank, index)
+    _check_shapes(x, weight, index.shape[0], "index")
+    return _affine_rows(x, weight, bank.index_select(0, index))
+
+
+def rows_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """What :class:`~qmm_plugin.MultiBiasLinear` calls for explicit rows: :func:`sample_bias_linear`'s
+    result, dispatched like :func:`bank_linear` (custom op when compiling or off the CPU)."""
+    if not _eager_reference(x):
+        return sample_bias_linear(x, weight, bias)
+    _check_shapes(x, weight, bias.shape[0], "bias")
+    return _affine_rows(x, weight, bias)
