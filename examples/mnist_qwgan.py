@@ -24,6 +24,11 @@ infogan    InfoGAN: 1 categorical(10) + 2 continuous codes + 8 noise; mutual-inf
 
 All use the Wasserstein loss with a spectrally normalised critic (the NOTES' L_D = E[D(fake)] −
 E[D(real)]), Adam(lr 2e-4, default betas), ``--n-critic`` critic steps per generator step.
+The critic has no BatchNorm by default, unlike Appendix B's table (``--critic-bn`` restores it):
+real and fake batches go through the critic separately, so per-batch BatchNorm normalises away
+exactly the batch statistics that tell them apart (overall brightness, for one); in our first
+default run with it the generator drifted to a white checkerboard by step 100. (InfoGAN's
+discriminator, ``qmm_plugin.models.InfoGANDiscriminator``, keeps its BatchNorm.)
 
 Writes into ``--out`` (only rank 0 writes): ``samples_step{N}.png`` (one row per manifold —
 generator, category — and one column per shared latent, like the paper's Fig. 3),
@@ -111,11 +116,11 @@ def _index(n: int, a: int, device: torch.device, gen: torch.Generator | None) ->
 class QMMFamily(Family):
     """Q-WGAN (A = 10), Q-WGAN λ = 0, and WGAN (A = 1): the user's generator, converted."""
 
-    def __init__(self, num_biases: int, lam: float) -> None:
+    def __init__(self, num_biases: int, lam: float, critic_bn: bool) -> None:
         super().__init__()
         self.num_rows, self.lam = num_biases, lam
         self.generator = qmm_plugin.convert(MNISTGenerator(z_dim=Z_DIM), num_biases=num_biases)
-        self.critic = MNISTCritic(spectral_norm=True)
+        self.critic = MNISTCritic(spectral_norm=True, batchnorm=critic_bn)
 
     def latents(self, n, device, gen=None, row=None):
         z = torch.randn(n, Z_DIM, generator=gen).to(device) if gen is not None else torch.randn(n, Z_DIM, device=device)
@@ -137,11 +142,11 @@ class QMMFamily(Family):
 class MultiFamily(Family):
     """DMWGAN-style (separate generators, widths / 4) and MADGAN-like (shared first layers)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, critic_bn: bool) -> None:
         super().__init__()
         self.generator = (MultiGenerator(NUM_MANIFOLDS, z_dim=Z_DIM) if kind == "dmwgan"
                           else MADGANLike(NUM_MANIFOLDS, z_dim=Z_DIM, num_shared_deconv=1))
-        self.critic = MNISTCritic(spectral_norm=True)
+        self.critic = MNISTCritic(spectral_norm=True, batchnorm=critic_bn)
 
     def latents(self, n, device, gen=None, row=None):
         z = torch.randn(n, Z_DIM, generator=gen).to(device) if gen is not None else torch.randn(n, Z_DIM, device=device)
@@ -195,15 +200,15 @@ class InfoFamily(Family):
         return F.cross_entropy(cat_logits, labels) + 0.5 * (cont_mean - code).pow(2).sum(1).mean()
 
 
-def make_family(model: str, lam: float | None) -> Family:
+def make_family(model: str, lam: float | None, critic_bn: bool = False) -> Family:
     if model == "qwgan":
-        return QMMFamily(NUM_MANIFOLDS, 0.05 if lam is None else lam)
+        return QMMFamily(NUM_MANIFOLDS, 0.05 if lam is None else lam, critic_bn)
     if model == "qwgan-l0":
-        return QMMFamily(NUM_MANIFOLDS, 0.0)
+        return QMMFamily(NUM_MANIFOLDS, 0.0, critic_bn)
     if model == "wgan":
-        return QMMFamily(1, 0.0)
+        return QMMFamily(1, 0.0, critic_bn)
     if model in ("dmwgan", "madgan"):
-        return MultiFamily(model)
+        return MultiFamily(model, critic_bn)
     if model == "infogan":
         return InfoFamily()
     raise ValueError(f"unknown --model {model!r}; choose one of {MODELS}")
@@ -257,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=None, help="λ of λ·R_BA for --model qwgan (default: 0.05)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, G and D (default: 2e-4)")
     p.add_argument("--n-critic", type=int, default=1, help="critic steps per generator step (default: 1)")
+    p.add_argument("--critic-bn", action="store_true",
+                   help="BatchNorm in the critic as listed in Appendix B (default: off; see the module docstring)")
     p.add_argument("--grid-columns", type=int, default=10, help="shared latents per sample grid (default: 10)")
     C.add_common_args(p, out="runs/mnist_qwgan", steps=400, batch_size=32, sample_every=100,
                       ckpt_every=100, fid_samples=2000)
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     d = C.setup_distributed(args.device)
     out = Path(args.out)
     C.seed_all(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    fam = make_family(args.model, args.lam)
+    fam = make_family(args.model, args.lam, args.critic_bn)
     fam.generator.to(d.device)
     fam.critic.to(d.device)
     opt_g = torch.optim.Adam(fam.generator.parameters(), lr=args.lr)
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
                                world_size=d.world_size)
     settings = {"model": args.model, "world_size": d.world_size, "batch_size": args.batch_size,
-                "lam": fam.lam, "seed": args.seed, "n_critic": args.n_critic}
+                "lam": fam.lam, "seed": args.seed, "n_critic": args.n_critic, "critic_bn": args.critic_bn}
     run = C.TrainRun(args, d, settings, {"generator": fam.generator, "critic": fam.critic},
                      {"generator": opt_g, "critic": opt_d})
 
