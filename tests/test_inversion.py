@@ -321,3 +321,16 @@ def test_tangential_basis_cache_follows_weight_updates() -> None:
     assert second is not first
     proj = second @ (second.t() @ layer.weight.detach())
     torch.testing.assert_close(proj, layer.weight.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_fit_stops_on_convergence_before_the_cap() -> None:
+    torch.manual_seed(0)
+    q = qmm_plugin.align_biases_(qmm_plugin.convert(nn.Sequential(nn.Linear(2, 12)), 3))
+    with torch.no_grad():
+        x = q(torch.randn(4, 2), manifold=1)
+    inv = q.invert(x, steps=20000, seed=0)
+    assert inv.steps < 20000 and inv.steps % 50 == 0
+    assert float(rel(inv.reconstruction, x).max()) < 1e-3
+    cap = inv.steps + 100
+    capped = q.invert(x, steps=cap, seed=0, tol=0.0, min_lr_ratio=0.0)  # schedule off: runs to the cap
+    assert capped.steps == cap
