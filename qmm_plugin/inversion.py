@@ -593,10 +593,18 @@ def _invert_module(path: str, m: nn.Module, in_shape: tuple[int, ...]) -> nn.Mod
         return _Reshape(in_shape)
     if isinstance(m, (nn.Identity, nn.Dropout)):
         return nn.Identity()
-    raise ValueError(
-        f"analytic_encoder: cannot invert module {name}; the explicit encoder of Proposition 1 supports "
-        "Linear/MultiBiasLinear (full column rank), LeakyReLU/PReLU (positive slope), eval-mode "
-        "BatchNorm1d, Tanh/Sigmoid, Flatten/Unflatten and Identity/Dropout. Use q.invert(x) (Eq. 3) "
+    raise _unsupported(path, m)
+
+
+_INVERTIBLE = (MultiBiasLinear, nn.Linear, nn.LeakyReLU, nn.PReLU, nn.BatchNorm1d, nn.Tanh, nn.Sigmoid,
+               nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def _unsupported(path: str, m: nn.Module) -> ValueError:
+    return ValueError(
+        f"analytic_encoder: cannot invert module '{path}' ({type(m).__name__}); the explicit encoder of "
+        "Proposition 1 supports Linear/MultiBiasLinear (full column rank), LeakyReLU/PReLU (positive slope), "
+        "eval-mode BatchNorm1d, Tanh/Sigmoid, Flatten/Unflatten and Identity/Dropout. Use q.invert(x) (Eq. 3) "
         "for other generators")
 
 
@@ -639,7 +647,10 @@ def analytic_encoder(q: QuotientModel, *, z_dim: int | None = None, check: bool 
     finally:
         for h in handles:
             h.remove()
-    inverses = [_invert_module(p, m, s) for p, m, s in trace]  # errors name the first in forward order
+    for p, m, _ in trace:  # name the first unsupported module (in forward order) before any SVD
+        if not isinstance(m, _INVERTIBLE):
+            raise _unsupported(p, m)
+    inverses = [_invert_module(p, m, s) for p, m, s in trace]
     encoder = AnalyticEncoder(*reversed(inverses))
     if check:
         gen = torch.Generator().manual_seed(0)
