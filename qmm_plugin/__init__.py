@@ -9,6 +9,7 @@ images off every trained manifold, into new, derived manifolds.
 
 from . import data, io, metrics, models, ops, viz
 from .convert import QuotientModel, convert
+from .inversion import AnalyticEncoder, Inversion, analytic_encoder, invert, sample_manifold
 from .layer import ManifoldSelection, MultiBiasLinear
 from .regularizer import align_biases_
 
@@ -18,6 +19,11 @@ __all__ = [
     "MultiBiasLinear",
     "ManifoldSelection",
     "align_biases_",
+    "Inversion",
+    "invert",
+    "sample_manifold",
+    "analytic_encoder",
+    "AnalyticEncoder",
     "data",
     "io",
     "metrics",

@@ -268,5 +268,12 @@ class QuotientModel(nn.Module):
 
         return invert(self, x, **kwargs)
 
+    def sample_manifold(self, inv: Inversion, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` fresh samples on each inverted image's derived manifold (same biases, new z;
+        Fig. 5-6): ``(B, n, *image)``. See :func:`qmm_plugin.inversion.sample_manifold`."""
+        from .inversion import sample_manifold
+
+        return sample_manifold(self, inv, n, generator=generator)
+
     def extra_repr(self) -> str:
         return f"num_biases={self.num_biases}, layers={list(self._out_features)}"

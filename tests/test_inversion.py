@@ -183,6 +183,7 @@ def test_sample_manifold_uses_fresh_z_and_same_biases(fitted: dict) -> None:
     s3 = sample_manifold(q, inv, 3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(s1, s2) and not torch.allclose(s1, s3)
     assert not torch.allclose(s1[:, 0], s1[:, 1])
+    assert torch.equal(q.sample_manifold(inv, 3, generator=torch.Generator().manual_seed(0)), s1)  # the method
 
 
 # --------------------------------------------------------------------------------- bad input
