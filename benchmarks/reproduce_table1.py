@@ -1,0 +1,761 @@
+#!/usr/bin/env python
+r"""Reproduce the MNIST half of the paper's Table 1 at CPU scale: one resumable study.
+
+Trains WGAN, Q-WGAN, Q-WGAN λ=0, DMWGAN-style (``examples/mnist_qwgan.py``) and β-VAE, Q-β-VAE,
+Q-β-VAE λ=0 (``examples/mnist_qbvae.py``) on MNIST for several seeds — each run is a subprocess
+of the example script, so the study uses exactly the examples' training code — then evaluates
+every run from its checkpoint and appends one JSON line per (model, seed) to
+``OUT/results.jsonl``:
+
+* **MNIST-FID** (:class:`qmm_plugin.metrics.MNISTFID`, computed by the example at the end of
+  training): generated images by ancestral sampling (z ~ N(0, I), manifold/generator i ~ uniform)
+  against the whole test split (10,000 digits with the full MNIST).
+* **Disentanglement** (Appendix D; :func:`qmm_plugin.metrics.disentanglement_score`) for the
+  slant and width transforms of the first ``dis_images`` test digits at ``dis_strengths``
+  strengths. Encoder: the encoder mean for the VAEs; for every GAN a latent-only fit on its
+  trained manifolds (:class:`LatentEncoder`, which says why not ``q.invert(x).z``).
+
+Per-run tangential spread (Theorem 1's right side) is logged by the examples over training;
+``--report`` plots it (log scale, Q vs λ = 0, like the paper's Fig. H.4), draws the Fig. 5/6
+generalisation grids from the trained Q-WGAN (seed 0), and rewrites the generated blocks of
+``docs/RESULTS.md`` from the results file (every number in those blocks comes from it).
+
+Budget (equal data per model inside each family; wall times are measured and reported):
+
+=========  ==========================================  ====================================
+preset     GANs (n_critic = 1)                         VAEs (10 EM iterations per batch)
+=========  ==========================================  ====================================
+quick      2 seeds, 300 steps × 64, FID on 2,000       2 seeds, 30 steps × 64
+full       3 seeds, 3,000 steps × 64, FID on 10,000    3 seeds, 300 steps × 64
+smoke      the examples' ``--smoke`` (tests; seconds)
+=========  ==========================================  ====================================
+
+Resumable: a stopped study (Ctrl-C, killed session) continues where it stopped when rerun with
+the same command — finished (model, seed) pairs are skipped (found in ``results.jsonl``), an
+unfinished run continues from its checkpoint (``--resume`` of the example), a run whose training
+finished is only evaluated.
+
+Usage::
+
+    python benchmarks/reproduce_table1.py --quick                 # ~10-15 min on 2 cores
+    python benchmarks/reproduce_table1.py                         # full (hours), resumable
+    python benchmarks/reproduce_table1.py --quick --report        # (re)write docs/RESULTS.md blocks
+    python benchmarks/reproduce_table1.py --smoke --data-dir embedded --out /tmp/s   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qmm_plugin.data import load_mnist, render_letters, to_model_range
+from qmm_plugin.io import atomic_write_text
+from qmm_plugin.metrics import disentanglement_score
+from qmm_plugin.viz import save_grid
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "mnist"
+DOCS = REPO / "docs"
+
+#: model -> (example script, display name). Order = table order.
+MODELS: dict[str, tuple[str, str]] = {
+    "wgan": ("mnist_qwgan.py", "WGAN"),
+    "dmwgan": ("mnist_qwgan.py", "DMWGAN-style"),
+    "qwgan": ("mnist_qwgan.py", "Q-WGAN"),
+    "qwgan-l0": ("mnist_qwgan.py", "Q-WGAN λ=0"),
+    "bvae": ("mnist_qbvae.py", "β-VAE"),
+    "qbvae": ("mnist_qbvae.py", "Q-β-VAE"),
+    "qbvae-l0": ("mnist_qbvae.py", "Q-β-VAE λ=0"),
+}
+GAN_MODELS = ("wgan", "dmwgan", "qwgan", "qwgan-l0")
+
+#: The paper's Table 1, MNIST rows (mean ± std over 10 runs), from ../shared/paper/NOTES.md.
+#: DMWGAN is the paper's DMWGAN (learned π); ours is the DMWGAN-style baseline with uniform π.
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    "wgan": {"fid": (10.13, 3.16), "slant": (1.62, 0.41), "width": (1.68, 0.49)},
+    "dmwgan": {"fid": (5.41, 0.34), "slant": (1.08, 0.04), "width": (1.11, 0.06)},
+    "qwgan": {"fid": (5.69, 0.89), "slant": (2.15, 0.17), "width": (2.93, 0.60)},
+    "qwgan-l0": {"fid": (15.74, 10.00), "slant": (1.76, 0.35), "width": (2.75, 0.67)},
+    "bvae": {"fid": (58.43, 0.23), "slant": (5.04, 1.19), "width": (5.63, 0.75)},
+    "qbvae": {"fid": (41.74, 1.40), "slant": (5.93, 1.78), "width": (5.71, 1.06)},
+    "qbvae-l0": {"fid": (40.74, 2.03), "slant": (5.18, 0.77), "width": (5.00, 0.77)},
+}
+
+
+# ----------------------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class Budget:
+    """Everything that defines a study: training budget per family and evaluation sizes."""
+
+    preset: str
+    seeds: int
+    gan_steps: int
+    vae_steps: int
+    batch_size: int
+    fid_samples: int
+    dis_images: int  # source images per transform (paper: 500)
+    dis_strengths: int  # strengths per image (paper: 11)
+    inversion_steps: int  # cap on Eq. 3 Adam steps per image (q.invert's plateau schedule stops earlier)
+    grid_inversion_steps: int  # Eq. 3 steps for the Fig. 5/6 generalisation grids
+    smoke: bool = False
+
+    def steps(self, model: str) -> int:
+        return self.gan_steps if model in GAN_MODELS else self.vae_steps
+
+    def eval_key(self) -> dict[str, int]:
+        """The evaluation settings a stored result must match to be reused."""
+        return {"fid_samples": self.fid_samples, "dis_images": self.dis_images,
+                "dis_strengths": self.dis_strengths, "inversion_steps": self.inversion_steps}
+
+
+PRESETS: dict[str, Budget] = {
+    "full": Budget("full", seeds=3, gan_steps=3000, vae_steps=300, batch_size=64, fid_samples=10000,
+                   dis_images=20, dis_strengths=11, inversion_steps=150, grid_inversion_steps=1000),
+    "quick": Budget("quick", seeds=2, gan_steps=300, vae_steps=30, batch_size=64, fid_samples=2000,
+                    dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300),
+    "smoke": Budget("smoke", seeds=1, gan_steps=4, vae_steps=2, batch_size=20, fid_samples=200,
+                    dis_images=2, dis_strengths=3, inversion_steps=3, grid_inversion_steps=3, smoke=True),
+}
+
+
+# ------------------------------------------------------------------------------- examples
+def _load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>`` as a module (for its model constructors)."""
+    path = EXAMPLES / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_command(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None, resume: bool) -> list[str]:
+    """The example command line of one run."""
+    script, _ = MODELS[model]
+    steps = b.steps(model)
+    cmd = [sys.executable, str(EXAMPLES / script), "--model", model, "--seed", str(seed), "--out", str(run_dir),
+           "--no-progress", "--device", "cpu"]
+    if data_dir is not None:
+        cmd += ["--data-dir", data_dir]
+    if b.smoke:
+        cmd += ["--smoke"]
+    else:
+        every = max(1, steps // 10)  # 10 sample grids + tangential-spread points, 10 checkpoints
+        cmd += ["--steps", str(steps), "--batch-size", str(b.batch_size), "--fid-samples", str(b.fid_samples),
+                "--sample-every", str(every), "--ckpt-every", str(every), "--log-every", str(max(1, steps // 100))]
+    if resume:
+        cmd += ["--resume"]
+    return cmd
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+
+
+def _final_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text())["final"] if path.is_file() else {}
+
+
+def _expected_steps(model: str, b: Budget) -> int:
+    if not b.smoke:
+        return b.steps(model)
+    return min(b.gan_steps, 4) if model in GAN_MODELS else min(b.vae_steps, 2)
+
+
+def train(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None) -> float:
+    """Train (or continue, or only FID-evaluate) one run through its example; returns the wall
+    seconds this call spent (0 when the run was already complete)."""
+    steps = _expected_steps(model, b)
+    final = _final_metrics(run_dir)
+    at = _checkpoint_step(run_dir)
+    if at == steps and final.get("steps") == steps and "mnist_fid" in final \
+            and (b.smoke or final.get("mnist_fid_samples") == b.fid_samples):
+        return 0.0
+    if at is not None and at > steps:
+        raise SystemExit(f"error: {run_dir} holds a run trained for {at} steps, more than this study's {steps}; "
+                         "use another --out for this budget")
+    resume = at is not None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = train_command(model, seed, b, run_dir, data_dir, resume)
+    log = run_dir / "train.log"
+    t0 = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the child got the SIGINT too: it checkpoints and exits
+            proc.wait()
+            raise
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{model} seed {seed} failed (exit {code}); log {log}:\n{tail}")
+    _add_wall(run_dir, seconds)
+    return seconds
+
+
+def _add_wall(run_dir: Path, seconds: float) -> None:
+    """Accumulate the example's wall time over resumed segments (run_dir/study_wall.json)."""
+    path = run_dir / "study_wall.json"
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    atomic_write_text(json.dumps({"seconds": total + seconds}) + "\n", path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def load_generator(model: str, run_dir: Path) -> nn.Module:
+    """The trained generator / decoder of a run, in eval mode."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    if model in GAN_MODELS:
+        fam = _load_example("mnist_qwgan.py").make_family(model, None)
+        fam.generator.load_state_dict(ckpt["modules"]["generator"])
+        return fam.generator.eval()
+    raise ValueError(f"load_generator: {model} is a VAE; use load_vae")
+
+
+def load_vae(run_dir: Path) -> tuple[nn.Module, nn.Module]:
+    """``(decoder QuotientModel, encoder)`` of a VAE run, in eval mode."""
+    import qmm_plugin
+    from qmm_plugin.models import BetaVAEEncoder, beta_vae_decoder
+
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    z_dim = _load_example("mnist_qbvae.py").Z_DIM
+    q = qmm_plugin.convert(beta_vae_decoder(z_dim), num_biases=ckpt["settings"]["num_biases"])
+    q.load_state_dict(ckpt["modules"]["decoder"])
+    enc = BetaVAEEncoder(z_dim)
+    enc.load_state_dict(ckpt["modules"]["encoder"])
+    return q.eval(), enc.eval()
+
+
+def fit_latent(forward: Callable[[Tensor, Tensor], Tensor], x: Tensor, z0: Tensor, index: Tensor, *, steps: int,
+               lr: float = 0.1, final_lr_ratio: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Eq. 3 restricted to the trained biases (the μ → ∞ limit with a_l = a_l^(i)): Adam on the
+    codes ``z`` only, ``min_z ||x - f(z; manifold index)||²`` per row, from ``z0``; the step size
+    decays exponentially from ``lr`` to ``lr * final_lr_ratio``. Rows are independent (Adam is
+    element-wise; eval mode). Returns ``(best z, best loss)`` per row."""
+    z = z0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: final_lr_ratio ** (t / max(steps - 1, 1)))
+    best = torch.full((x.shape[0],), math.inf)
+    best_z = z0.detach().clone()
+    for _ in range(steps):
+        loss = (forward(z, index) - x).pow(2).flatten(1).sum(1)
+        with torch.no_grad():
+            better = loss < best
+            best = torch.where(better, loss.detach(), best)
+            best_z[better] = z.detach()[better]
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+    return best_z, best
+
+
+class LatentEncoder:
+    """The GAN encoder of the disentanglement score: a latent-only fit on the trained manifolds.
+
+    Stage 1: each source image (untransformed) is fitted on every one of the A manifolds
+    (generators) from one shared random start; the best manifold and its code are kept.
+    Stage 2 (``__call__``, one transform): every transformed copy of source image n is fitted on
+    image n's manifold, warm-started from its stage-1 code, so a code moves continuously with the
+    transform strength.
+
+    Why not ``q.invert(x).z`` (Eq. 3 with free biases): on this MNIST generator the free normal
+    space of FC6272 (5,248 dimensions) exceeds the 784 pixels, so the biases alone reproduce the
+    image and z stays near its random start (``qmm_plugin.inversion`` docstring;
+    ``benchmarks/results/inversion.md``: z error ~1.04 at any step count); its codes would score
+    the random starts, not the model. The same encoder is used for WGAN (A = 1), Q-WGAN (A = 10)
+    and the DMWGAN-style bank (ten separate generators), so the comparison is like for like.
+    """
+
+    def __init__(self, forward: Callable[[Tensor, Tensor], Tensor], num_manifolds: int, z_dim: int,
+                 sources: Tensor, strengths: int, steps: int, seed: int) -> None:
+        self.forward, self.strengths, self.steps = forward, strengths, steps
+        n, a = sources.shape[0], num_manifolds
+        z0 = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed)).repeat_interleave(a, 0)
+        index = torch.arange(a).repeat(n)
+        with torch.enable_grad():
+            z, loss = fit_latent(forward, sources.repeat_interleave(a, 0), z0, index, steps=steps)
+        pick = loss.view(n, a).argmin(1)
+        self.z = z.view(n, a, z_dim)[torch.arange(n), pick]
+        self.manifold = pick
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n = self.z.shape[0]
+        if x.shape[0] != n * self.strengths:
+            raise ValueError(f"LatentEncoder expects all {n} x {self.strengths} transformed images in one call "
+                             f"(disentanglement_score batch_size = num_images * strengths), got {x.shape[0]}")
+        z0 = self.z.repeat_interleave(self.strengths, 0)
+        index = self.manifold.repeat_interleave(self.strengths, 0)
+        with torch.enable_grad():  # disentanglement_score calls the encoder under no_grad
+            return fit_latent(self.forward, x, z0, index, steps=self.steps)[0]
+
+
+def make_encoder(model: str, run_dir: Path, b: Budget, seed: int, sources: Tensor) -> Callable[[Tensor], Tensor]:
+    """``encode(images in [-1, 1]) -> codes`` for the disentanglement score: the encoder mean for
+    the VAEs, :class:`LatentEncoder` for the GANs."""
+    if model in ("bvae", "qbvae", "qbvae-l0"):
+        _, enc = load_vae(run_dir)
+        return lambda x: enc(x)[0]
+    g = load_generator(model, run_dir)
+    for p in g.parameters():
+        p.requires_grad_(False)
+    if model == "dmwgan":
+        forward, a, z_dim = (lambda z, i: g(z, i)), g.num_generators, g.z_dim
+    else:
+        forward, a, z_dim = (lambda z, i: g(z, manifold=i)), g.num_biases, g.model.z_dim
+    return LatentEncoder(forward, a, z_dim, sources, b.dis_strengths, b.inversion_steps, seed)
+
+
+def evaluate_disentanglement(model: str, run_dir: Path, b: Budget, data_dir: str | None, seed: int
+                             ) -> dict[str, float]:
+    """Appendix D scores for slant and width; one batched encoding per transform."""
+    test, _ = load_mnist(data_dir, "test")
+    images = to_model_range(test[:b.dis_images])
+    encode = make_encoder(model, run_dir, b, seed, images)
+    out: dict[str, float] = {}
+    for transform in ("slant", "width"):
+        out[f"dis_{transform}"] = disentanglement_score(
+            encode, images, transform, num_images=b.dis_images, strengths=b.dis_strengths,
+            batch_size=b.dis_images * b.dis_strengths)
+    return out
+
+
+# ----------------------------------------------------------------------------- the study
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:  # a line cut by a kill: report, do not guess
+                raise SystemExit(f"error: {path} line {i} is not valid JSON ({err}); delete that line and rerun "
+                                 "(the run is re-evaluated from its checkpoint)") from err
+    return rows
+
+
+def append_result(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line (rewritten atomically, so a kill never leaves half a line)."""
+    text = path.read_text() if path.is_file() else ""
+    atomic_write_text(text + json.dumps(row, sort_keys=True) + "\n", path)
+
+
+def _done(rows: list[dict[str, Any]], model: str, seed: int, b: Budget) -> bool:
+    key = b.eval_key()
+    return any(r["model"] == model and r["seed"] == seed and r["steps"] == _expected_steps(model, b)
+               and all(r.get(k) == v for k, v in key.items()) for r in rows)
+
+
+def run_study(b: Budget, models: Sequence[str], out: Path, data_dir: str | None) -> int:
+    """Train and evaluate every (seed, model) not yet in ``out/results.jsonl``; seed-major order,
+    so a stopped study has every model at its first seeds."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    atomic_write_text(json.dumps({**asdict(b), "models": list(models), "data_dir": data_dir}, indent=1) + "\n",
+                      out / "study.json")
+    jobs = [(seed, m) for seed in range(b.seeds) for m in models]
+    failures: list[str] = []
+    t_study = time.perf_counter()
+    for k, (seed, model) in enumerate(jobs, 1):
+        tag = f"[{k}/{len(jobs)}] {model} seed {seed}"
+        if _done(read_results(results), model, seed, b):
+            print(f"{tag}: in {results.name}, skipped", flush=True)
+            continue
+        run_dir = out / f"{model}_s{seed}"
+        try:
+            print(f"{tag}: training {_expected_steps(model, b)} steps (log {run_dir / 'train.log'})", flush=True)
+            sec = train(model, seed, b, run_dir, data_dir)
+            final = _final_metrics(run_dir)
+            print(f"{tag}: trained ({sec:.0f} s this call); MNIST-FID {final['mnist_fid']:.2f}; "
+                  "disentanglement ...", flush=True)
+            t0 = time.perf_counter()
+            dis = evaluate_disentanglement(model, run_dir, b, data_dir, seed)
+            eval_s = time.perf_counter() - t0
+        except RuntimeError as err:
+            print(f"{tag}: FAILED: {err}", file=sys.stderr, flush=True)
+            failures.append(f"{model} seed {seed}")
+            continue
+        rows = json.loads((run_dir / "metrics.json").read_text())["rows"]
+        wall = json.loads((run_dir / "study_wall.json").read_text())["seconds"]
+        row = {"model": model, "seed": seed, "preset": b.preset, "steps": _expected_steps(model, b),
+               "batch_size": b.batch_size if not b.smoke else None, **b.eval_key(),
+               "mnist_fid": final["mnist_fid"], "fid_test_images": final.get("mnist_fid_test_images"),
+               "fid_real_train_vs_test": final.get("mnist_fid_real_train_vs_test"), **dis,
+               "sec_per_step": rows[-1].get("sec_per_step"), "example_wall_s": round(wall, 1),
+               "dis_eval_s": round(eval_s, 1),
+               "tangential_spread": {k.split("/", 1)[1]: v for k, v in final.items()
+                                     if k.startswith("tangential_spread/")},
+               "run_dir": str(run_dir), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        append_result(results, row)
+        print(f"{tag}: dis slant {dis['dis_slant']:.2f}, width {dis['dis_width']:.2f} ({eval_s:.0f} s); "
+              f"study so far {(time.perf_counter() - t_study) / 60:.1f} min", flush=True)
+    if failures:
+        print(f"{len(failures)} run(s) failed: {', '.join(failures)}; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------- plots
+_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def plot_log_curves(series: list[tuple[str, list[float], list[float], tuple[int, int, int], bool]], path: Path,
+                    title: str, xlabel: str, ylabel: str, size: tuple[int, int] = (760, 460)) -> Path:
+    """A line plot with a log10 y axis, drawn with Pillow (no plotting library needed).
+
+    ``series``: ``(label, xs, ys, rgb, dashed)``; non-positive ys are dropped (log scale).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = size
+    left, right, top, bottom = 80, 200, 36, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    pts = [(x, y) for _, xs, ys, _, _ in series for x, y in zip(xs, ys) if y > 0 and math.isfinite(y)]
+    if not pts:
+        raise ValueError(f"plot_log_curves: nothing positive to plot for {path.name}")
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    lo = math.floor(math.log10(min(p[1] for p in pts)))
+    hi = math.ceil(math.log10(max(p[1] for p in pts)))
+    hi = max(hi, lo + 1)
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                top + (hi - math.log10(y)) / (hi - lo) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for e in range(lo, hi + 1):
+        _, yy = px(x0, 10.0 ** e)
+        draw.line([left, yy, w - right, yy], fill=(225, 225, 225))
+        draw.text((left - 8, yy), f"1e{e}", fill="black", font=font, anchor="rm")
+    for i in range(6):
+        x = x0 + (x1 - x0) * i / 5
+        xx, _ = px(x, 10.0 ** hi)
+        draw.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
+        draw.text((xx, h - bottom + 6), f"{x:g}", fill="black", font=font, anchor="mt")
+    draw.text((left, 4), title, fill="black", font=font)
+    draw.text((left + (w - left - right) / 2, h - 18), xlabel, fill="black", font=font, anchor="mt")
+    draw.text((8, top - 16), ylabel, fill="black", font=font)
+    for k, (label, xs, ys, rgb, dashed) in enumerate(series):
+        line = [px(x, y) for x, y in zip(xs, ys) if y > 0 and math.isfinite(y)]
+        for j, (p, q) in enumerate(zip(line, line[1:])):
+            if not dashed or j % 2 == 0:
+                draw.line([p, q], fill=rgb, width=2)
+        for p in line:
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=rgb)
+        ly = top + 8 + 18 * k
+        lx = w - right + 10
+        draw.line([lx, ly, lx + 24, ly], fill=rgb, width=2)
+        if dashed:
+            draw.line([lx + 8, ly, lx + 16, ly], fill="white", width=2)
+        draw.text((lx + 30, ly), label, fill="black", font=font, anchor="lm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def spread_curves(out: Path, models: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, list[list[float]]]]:
+    """``{model: {layer: [[step, geometric mean over seeds of tr cov(a_par)], ...]}}`` from the
+    runs' ``metrics.json`` (the tangential spread logged at every sample grid)."""
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    for model in models:
+        per_layer: dict[str, dict[int, list[float]]] = {}
+        for seed in seeds:
+            path = out / f"{model}_s{seed}" / "metrics.json"
+            if not path.is_file():
+                continue
+            for row in json.loads(path.read_text())["rows"]:
+                for key, v in row.items():
+                    if key.startswith("tangential_spread/") and isinstance(v, (int, float)) and v > 0:
+                        per_layer.setdefault(key.split("/", 1)[1], {}).setdefault(int(row["step"]), []).append(v)
+        if per_layer:
+            curves[model] = {layer: [[s, math.exp(statistics.fmean(math.log(v) for v in vs))]
+                                     for s, vs in sorted(pts.items())] for layer, pts in per_layer.items()}
+    return curves
+
+
+# ------------------------------------------------------------------------ generalisation
+def _with_noise_rectangle(images: Tensor, seed: int, size: int = 10) -> Tensor:
+    """Digits in [-1, 1] with a ``size``×``size`` patch of uniform noise at a random place (Fig. 5)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = images.clone()
+    for i in range(out.shape[0]):
+        r, c = torch.randint(0, 28 - size, (2,), generator=gen).tolist()
+        out[i, :, r:r + size, c:c + size] = torch.rand(1, size, size, generator=gen) * 2 - 1
+    return out
+
+
+def generalisation_grids(run_dir: Path, model: str, dest: Path, data_dir: str | None, steps: int,
+                         samples: int = 8) -> list[Path]:
+    """Fig. 5/6: encode images off every trained manifold (digits with a noise rectangle; font-rendered
+    letters) by Eq. 3 and sample their derived manifolds. One PNG per input kind; each row is
+    ``input | reconstruction | samples`` new codes on the derived manifold."""
+    from qmm_plugin.inversion import sample_manifold
+
+    q = load_generator(model, run_dir)
+    test, _ = load_mnist(data_dir, "test")
+    letters, _ = render_letters(6, seed=0)
+    inputs = {"noise": _with_noise_rectangle(to_model_range(test[100:106]), seed=0),
+              "letters": to_model_range(letters)}
+    paths = []
+    for kind, x in inputs.items():
+        inv = q.invert(x, steps=steps, seed=0, progress=True)
+        new = sample_manifold(q, inv, samples, generator=torch.Generator().manual_seed(0))
+        rows = torch.cat([x.unsqueeze(1), inv.reconstruction.unsqueeze(1), new], dim=1)
+        paths.append(save_grid(rows.reshape(-1, *x.shape[1:]), dest / f"generalize_{kind}_{model}.png",
+                               nrow=samples + 2, scale=2))
+    return paths
+
+
+# ---------------------------------------------------------------------------------- report
+def _stats(values: list[float]) -> tuple[float, float | None, int]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    mean, std, n = _stats(values)
+    if n == 0:
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def summarize(rows: list[dict[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
+    """One summary row per model: mean/std/n of every metric (the numbers the tables print)."""
+    table = []
+    for m in models:
+        rs = [r for r in rows if r["model"] == m]
+        if not rs:
+            continue
+        entry: dict[str, Any] = {"model": m, "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                                 "steps": sorted({r["steps"] for r in rs}), "batch_size": rs[0]["batch_size"]}
+        for key in ("mnist_fid", "dis_slant", "dis_width", "sec_per_step", "example_wall_s", "dis_eval_s",
+                    "fid_real_train_vs_test"):
+            mean, std, n = _stats([r.get(key) for r in rs])
+            entry[key] = {"mean": mean, "std": std, "n": n}
+        table.append(entry)
+    return table
+
+
+def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], out: Path,
+                  assets: dict[str, str], command: str) -> str:
+    """The generated markdown block: budget, Table 1 beside the paper, plots, commands."""
+    n_seeds = sorted({r["seed"] for r in rows})
+    per_model = {m: [r for r in rows if r["model"] == m] for m in models}
+    complete = all(len(per_model[m]) == b.seeds for m in models)
+    lines = [f"Preset **{b.preset}** — {len(rows)} of {b.seeds * len(models)} runs finished"
+             + ("" if complete else " (**partial**: n = seeds finished per cell)") + f"; results file "
+             f"`{assets['results']}`. Command: `{command}`.", ""]
+    lines += ["| model | steps × batch | n | s/step (this machine) | example wall (train + FID) | "
+              "disentanglement eval |", "|---|---|---|---|---|---|"]
+    for m in models:
+        rs = per_model[m]
+        if not rs:
+            lines.append(f"| {MODELS[m][1]} | {b.steps(m)} × {b.batch_size} | 0 | — | — | — |")
+            continue
+        lines.append(f"| {MODELS[m][1]} | {rs[0]['steps']} × {rs[0]['batch_size']} | {len(rs)} | "
+                     f"{_fmt([r['sec_per_step'] for r in rs], 3)} | {_fmt([r['example_wall_s'] for r in rs], 0)} s | "
+                     f"{_fmt([r['dis_eval_s'] for r in rs], 0)} s |")
+    fid_imgs = sorted({r.get("fid_test_images") for r in rows} - {None})
+    ref = [r["fid_real_train_vs_test"] for r in rows if r.get("fid_real_train_vs_test") is not None]
+    lines += ["", f"MNIST-FID: {b.fid_samples} generated images vs {', '.join(map(str, fid_imgs))} test digits"
+              + (f" (real training digits, same count: {_fmt(ref)})" if ref else "") + ". Disentanglement: "
+              f"{b.dis_images} test digits × {b.dis_strengths} strengths; GAN encoder: latent-only fit on "
+              f"the trained manifolds, {b.inversion_steps} Adam steps per stage. Seeds: {', '.join(map(str, n_seeds))}.", "",
+              "| model | MNIST-FID (ours) | FID (paper) | Dis. slant (ours) | (paper) | Dis. width (ours) | (paper) |",
+              "|---|---|---|---|---|---|---|"]
+    for m in models:
+        rs = per_model[m]
+        p = PAPER_TABLE1[m]
+        pf = {k: f"{v[0]:.2f} ± {v[1]:.2f}" for k, v in p.items()}
+        n = f" (n={len(rs)})" if rs and len(rs) != b.seeds else ""
+        lines.append(f"| {MODELS[m][1]}{n} | {_fmt([r['mnist_fid'] for r in rs])} | {pf['fid']} | "
+                     f"{_fmt([r['dis_slant'] for r in rs])} | {pf['slant']} | "
+                     f"{_fmt([r['dis_width'] for r in rs])} | {pf['width']} |")
+    lines.append("")
+    spread = [(m, r) for m in models for r in per_model[m] if r["tangential_spread"]]
+    if spread:
+        lines += ["Final tangential spread tr cov(a_par) per converted layer (geometric mean over seeds):", "",
+                  "| model | " + " | ".join(sorted(spread[0][1]["tangential_spread"])) + " |",
+                  "|---|" + "---|" * len(spread[0][1]["tangential_spread"])]
+        for m in models:
+            rs = [r for r in per_model[m] if r["tangential_spread"]]
+            if rs:
+                cells = [f"{math.exp(statistics.fmean(math.log(max(r['tangential_spread'][k], 1e-300)) for r in rs)):.3g}"
+                         for k in sorted(rs[0]["tangential_spread"])]
+                lines.append(f"| {MODELS[m][1]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for key, alt in (("spread_gan", "tangential spread, Q-WGAN vs λ=0"),
+                     ("spread_vae", "tangential spread, Q-β-VAE vs λ=0")):
+        if key in assets:
+            lines += [f"![{alt}]({assets[key]})", ""]
+    for key in sorted(k for k in assets if k.startswith(("generalize", "samples"))):
+        lines += [f"`{assets[key]}`:", "", f"![{key}]({assets[key]})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_block(doc: str, name: str, body: str) -> str:
+    """Replace the text between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``
+    (appended at the end when the markers are absent)."""
+    begin, end = f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
+    block = f"{begin}\n<!-- written by benchmarks/reproduce_table1.py --report; edits here are overwritten -->\n" \
+            f"{body}{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(doc):
+        return pattern.sub(lambda _: block, doc)
+    return doc.rstrip() + "\n\n" + block + "\n"
+
+
+def report(b: Budget, models: Sequence[str], out: Path, data_dir: str | None, doc: Path, assets_dir: Path,
+           command: str, grids: bool = True) -> Path:
+    """Plots, generalisation grids, results copies and the generated block of ``doc``."""
+    rows = [r for r in read_results(out / "results.jsonl") if r["model"] in models]
+    if not rows:
+        raise SystemExit(f"error: no results in {out / 'results.jsonl'}; run the study first (same --out/preset)")
+    assets_dir.mkdir(parents=True, exist_ok=True)
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, doc.parent)
+
+    tag = b.preset
+    shutil.copyfile(out / "results.jsonl", assets_dir / f"results_{tag}.jsonl")
+    assets = {"results": rel(assets_dir / f"results_{tag}.jsonl")}
+    summary = summarize(rows, models)
+    atomic_write_text(json.dumps({"budget": asdict(b), "summary": summary, "paper": PAPER_TABLE1}, indent=1) + "\n",
+                      assets_dir / f"summary_{tag}.json")
+    seeds = sorted({r["seed"] for r in rows})
+    curves = spread_curves(out, [m for m in models if m in ("qwgan", "qwgan-l0", "qbvae", "qbvae-l0")], seeds)
+    atomic_write_text(json.dumps(curves, indent=1) + "\n", assets_dir / f"spread_curves_{tag}.json")
+    for key, pair, title in (("spread_gan", ("qwgan", "qwgan-l0"), "Q-WGAN (lambda=0.05, solid) vs lambda=0 (dashed)"),
+                             ("spread_vae", ("qbvae", "qbvae-l0"), "Q-beta-VAE (lambda=1, solid) vs lambda=0 (dashed)")):
+        series = []
+        for j, m in enumerate(pair):
+            for k, (layer, pts) in enumerate(sorted(curves.get(m, {}).items())):
+                series.append((f"{m} {layer}", [p[0] for p in pts], [p[1] for p in pts],
+                               _COLORS[k % len(_COLORS)], j == 1))
+        if series:
+            path = plot_log_curves(series, assets_dir / f"{key}_{tag}.png",
+                                   f"tangential spread tr cov(a_par) over training ({title})", "training step",
+                                   "tr cov(a_par)")
+            assets[key] = rel(path)
+    for m in ("qwgan", "qwgan-l0"):
+        run_dir = out / f"{m}_s0"
+        if grids and m in models and (run_dir / "checkpoint.pt").is_file():
+            for p in generalisation_grids(run_dir, m, assets_dir, data_dir, b.grid_inversion_steps):
+                final = p.with_name(p.stem + f"_{tag}.png")
+                p.replace(final)
+                assets[final.stem] = rel(final)
+    for m in models:
+        run_dir = out / f"{m}_s0"
+        grids_png = sorted(run_dir.glob("samples_step*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem)))
+        if grids_png:
+            dest = assets_dir / f"samples_{m}_{tag}.png"
+            shutil.copyfile(grids_png[-1], dest)
+            assets[f"samples_{m}"] = rel(dest)
+    text = doc.read_text() if doc.is_file() else "# Results\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(replace_block(text, tag, render_tables(rows, b, models, out, assets, command)), doc)
+    return doc
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="the quick preset (about 10-15 minutes on 2 cores)")
+    g.add_argument("--smoke", action="store_true", help="a few steps per run (tests; seconds per run)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the preset's)")
+    p.add_argument("--gan-steps", type=int, default=None, help="override the preset's GAN steps")
+    p.add_argument("--vae-steps", type=int, default=None, help="override the preset's VAE steps")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA),
+                   help=f"folder with the four MNIST idx files (default: {DEFAULT_DATA}); 'embedded' = the "
+                        "10k/2k subset inside qmm_plugin (for tests)")
+    p.add_argument("--out", default=None, help="study folder (default: runs/table1/<preset>)")
+    p.add_argument("--report", action="store_true",
+                   help="after the study (or instead, with --report-only): plots, grids and the generated "
+                        "block of --doc")
+    p.add_argument("--report-only", action="store_true", help="only write the report from existing results")
+    p.add_argument("--no-grids", action="store_true", help="report without the generalisation grids")
+    p.add_argument("--doc", default=str(DOCS / "RESULTS.md"), help="markdown file whose block is rewritten")
+    p.add_argument("--assets", default=str(DOCS / "results"), help="folder for plots and results copies")
+    args = p.parse_args(argv)
+    preset = "quick" if args.quick else "smoke" if args.smoke else "full"
+    b = PRESETS[preset]
+    for name in ("seeds", "gan_steps", "vae_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            b = replace(b, **{name: value})
+    args.budget = b
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.model_list if m not in MODELS]
+    if unknown or not args.model_list:
+        p.error(f"--models: unknown {unknown}; choose from {','.join(MODELS)}")
+    if args.data_dir == "embedded":
+        args.data_dir = None
+    elif not Path(args.data_dir).is_dir():
+        p.error(f"--data-dir {args.data_dir} does not exist; pass the folder with the MNIST idx files, or "
+                "--data-dir embedded for the small subset inside qmm_plugin")
+    args.out = Path(args.out) if args.out else REPO / "runs" / "table1" / preset
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    b = args.budget
+    print(f"study {b.preset}: {b.seeds} seed(s) × {len(args.model_list)} models; GAN {b.gan_steps} steps, VAE "
+          f"{b.vae_steps} steps, batch {b.batch_size}; out {args.out}; torch threads {torch.get_num_threads()}; "
+          f"no GPU used (--device cpu)", flush=True)
+    code = 0
+    if not args.report_only:
+        try:
+            code = run_study(b, args.model_list, args.out, args.data_dir)
+        except KeyboardInterrupt:
+            print("\nstopped; rerun the same command to continue where it stopped", file=sys.stderr)
+            return 130
+    if args.report or args.report_only:
+        cmd = "python benchmarks/reproduce_table1.py" + {"quick": " --quick", "smoke": " --smoke", "full": ""}[b.preset]
+        doc = report(b, args.model_list, args.out, args.data_dir, Path(args.doc), Path(args.assets), cmd,
+                     grids=not args.no_grids)
+        print(f"report: {doc}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Smoke test of benchmarks/reproduce_table1.py: the study writes its results file, a rerun does
+not retrain, a lost results line is re-evaluated from the checkpoint without retraining, and
+``--report-only`` writes the generated block from the results file."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "reproduce_table1.py"
+MODELS = "wgan,qbvae"  # one GAN (Eq. 3 inversion encoder) and one Q-VAE (tangential spread logged)
+
+
+def _run(out: Path, *extra: str) -> str:
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--data-dir", "embedded", "--models", MODELS,
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_study_results_resume_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    first = _run(out)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["model"] for r in rows) == ["qbvae", "wgan"]
+    for r in rows:
+        assert r["seed"] == 0 and r["preset"] == "smoke"
+        for key in ("mnist_fid", "dis_slant", "dis_width"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["dis_slant"] >= 1.0 and r["dis_width"] >= 1.0  # λ1/λ2 of sorted eigenvalues
+    spread = next(r for r in rows if r["model"] == "qbvae")["tangential_spread"]
+    assert len(spread) == 2 and all(v > 0 for v in spread.values()), spread  # the decoder's two FC layers
+    assert next(r for r in rows if r["model"] == "wgan")["tangential_spread"] == {}  # A = 1: no spread
+    assert "training" in first
+
+    ckpts = {m: out / f"{m}_s0" / "checkpoint.pt" for m in ("wgan", "qbvae")}
+    stamps = {m: p.stat().st_mtime_ns for m, p in ckpts.items()}
+    logs = {m: (out / f"{m}_s0" / "train.log").read_text() for m in ckpts}
+
+    second = _run(out)  # everything done: skipped, nothing retrained or re-evaluated
+    assert second.count("skipped") == 2, second
+    assert len(results.read_text().splitlines()) == 2
+
+    # a results line lost (killed during evaluation): re-evaluated from the checkpoint, not retrained
+    results.write_text(next(line for line in results.read_text().splitlines() if '"wgan"' in line) + "\n")
+    third = _run(out)
+    assert third.count("skipped") == 1, third
+    rows3 = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["model"] for r in rows3) == ["qbvae", "wgan"]
+    assert {m: p.stat().st_mtime_ns for m, p in ckpts.items()} == stamps
+    assert {m: (out / f"{m}_s0" / "train.log").read_text() for m in ckpts} == logs  # no new example call
+
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n\nhand-written text stays\n")
+    _run(out, "--report-only", "--no-grids", "--doc", str(doc), "--assets", str(tmp_path / "assets"))
+    text = doc.read_text()
+    assert "hand-written text stays" in text
+    assert "<!-- BEGIN generated:smoke -->" in text and "<!-- END generated:smoke -->" in text
+    fid = next(r["mnist_fid"] for r in rows3 if r["model"] == "wgan")
+    assert f"{fid:.2f}" in text  # the table's number comes from the results file
+    assert (tmp_path / "assets" / "spread_vae_smoke.png").is_file()
+    assert (tmp_path / "assets" / "results_smoke.jsonl").read_text() == results.read_text()
