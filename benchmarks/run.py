@@ -259,7 +259,7 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     if "layer" in res:
         lines += ["## Layer forward+backward", "",
-                  "`op` = MultiBiasLinear (the custom op), `gather` = `F.linear(x, W) + bank[idx]`, "
+                  "`op` = MultiBiasLinear (what a converted model runs), `gather` = `F.linear(x, W) + bank[idx]`, "
                   "`loop` = A full-width nn.Linear each on its own samples (DMWGAN style; skipped "
                   f"when A·in·out > {LOOP_MAX_PARAMS:.0e} weights).", "",
                   "| in→out | B | A | nn.Linear ms | op ms | op / Linear | gather / Linear | loop / Linear | loop / op |",
@@ -291,7 +291,50 @@ def markdown(res: dict[str, Any]) -> str:
         for n, s in v["ms"].items():
             lines.append(f"| {n} | {_fmt(s, 1)} | {_fmt(v['ratio_vs_beta_vae'][n], 3)} |")
         lines += ["", f"Decoder run A times / batched op: {_fmt(v['loop_over_batched'], 2)}.", ""]
+    lines += targets(res)
     return "\n".join(lines) + "\n"
+
+
+def targets(res: dict[str, Any]) -> list[str]:
+    """The issue's targets, checked against this run's medians (no number typed by hand)."""
+    out = ["## Targets (this run)", ""]
+    if "layer" in res:
+        worst = max(res["layer"], key=lambda r: r["ratio_vs_linear"]["MultiBiasLinear"]["median"])
+        w = worst["ratio_vs_linear"]["MultiBiasLinear"]["median"]
+        out.append(f"- op ≤ 1.05× nn.Linear at every shape/B/A: {'met' if w <= 1.05 else 'MISSED'} "
+                   f"(worst median {w:.3f} at {worst['in']}→{worst['out']}, B={worst['B']}, A={worst['A']}).")
+        for fi, fo in sorted({(r["in"], r["out"]) for r in res["layer"]}):
+            for b in sorted({r["B"] for r in res["layer"]}):
+                by_a = {r["A"]: r for r in res["layer"] if (r["in"], r["out"], r["B"]) == (fi, fo, b)}
+                if 1 in by_a and 100 in by_a:
+                    # ratio of op/Linear at A=100 to op/Linear at A=1: both paired against the floor
+                    flat = (by_a[100]["ratio_vs_linear"]["MultiBiasLinear"]["median"]
+                            / by_a[1]["ratio_vs_linear"]["MultiBiasLinear"]["median"])
+                    out.append(f"- flat in A, {fi}→{fo} B={b}: (op/Linear at A=100) / (op/Linear at A=1) = "
+                               f"{flat:.3f} ({'met' if flat <= 1.10 else 'MISSED'}; target ≤ 1.10).")
+        for r in res["layer"]:
+            if (r["in"], r["out"], r["A"]) == (1024, 6272, 10) and "loop_over_op" in r:
+                lo = r["loop_over_op"]["median"]
+                out.append(f"- A-generator loop / op at 1024→6272, A=10, B={r['B']}: {lo:.2f}× "
+                           f"({'met' if lo >= 5 else 'MISSED'}; target ≥ 5×).")
+    if "gan" in res:
+        g = res["gan"]
+        qr = g["ratio_vs_wgan"]["Q-WGAN"]["median"]
+        qi = g["ratio_vs_wgan"]["Q-WGAN"]
+        out.append(f"- Q-WGAN step ≤ 1.03× WGAN step: {'met' if qr <= 1.03 else 'MISSED'} ({qr:.3f}, IQR "
+                   f"{qi['q1']:.3f}–{qi['q3']:.3f}: a spread wider than the target means undecided); "
+                   f"regularizer share of the generator step "
+                   f"{100 * g['regularizer_share_of_qwgan_g_step']['median']:.1f}%.")
+        ms = g["ms"]
+        wg, gs = ms["WGAN"]["median"], g["generator_step_ms"]["WGAN G step"]["median"]
+        out.append(f"- The critic dominates the WGAN step: critic step ≈ {wg - gs:.0f} of {wg:.0f} ms "
+                   f"(step median minus generator-step median, measured in separate interleaved sets); "
+                   f"a critic without spectral norm: {g['ratio_vs_wgan']['WGAN (critic w/o SN)']['median']:.3f}× "
+                   "the WGAN step. The critic's cost is independent of QMM (QMM only touches the "
+                   "generator); to cut it, run fewer critic iterations per generator step, compile the "
+                   "critic (`torch.compile`), or train on a GPU.")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -302,7 +345,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sections", default="layer,gan,vae", help="comma list of layer,gan,vae")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--render", type=Path, default=None,
+                   help="only re-render RESULTS.md (next to it) from an existing results.json")
     args = p.parse_args(argv)
+    if args.render is not None:
+        done = json.loads(args.render.read_text())
+        atomic_write_text(markdown(done), args.render.parent / "RESULTS.md")
+        return done
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = sections - {"layer", "gan", "vae"}
     if unknown:
