@@ -28,7 +28,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -334,11 +333,6 @@ def progress(total: int, initial: int, d: Dist, disable: bool, desc: str) -> Any
 def every(step: int, n: int, last: int) -> bool:
     """True on multiples of ``n`` and at the final step."""
     return step % n == 0 or step == last
-
-
-def iter_steps(start: int, stop: int) -> Iterator[int]:
-    """Steps ``start+1 .. stop`` (1-based step numbers: step k is the k-th update)."""
-    return iter(range(start + 1, stop + 1))
 
 
 def seed_all(seed: int) -> None:
