@@ -152,3 +152,35 @@ def test_compile_fullgraph_aot_backward_matches_eager() -> None:
     q(z, manifold=idx).square().mean().backward()
     for n, p in q.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------- eager CPU entry points (ops.py)
+@pytest.mark.parametrize("mid", [(), (3,)])
+def test_eager_entry_points_match_the_custom_op(mid: tuple[int, ...]) -> None:
+    """bank_linear/rows_linear (what layers call in eager CPU mode) equal the custom ops,
+    values and every gradient, including (B, ..., in) inputs."""
+    from qmm_plugin.ops import bank_linear, rows_linear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(7, *mid, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    bank = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    idx = torch.tensor([3, 0, 1, 1, 3, 2, 0])
+    gy = torch.randn(7, *mid, 9, generator=g, dtype=torch.float64)
+    for fast, ref, extra in ((bank_linear, multi_bias_linear, (bank, idx)),
+                             (rows_linear, sample_bias_linear, (bank[idx].clone(),))):
+        results = []
+        for fn in (fast, ref):
+            leaves = [t.clone().requires_grad_() for t in (x, w, extra[0])]
+            y = fn(leaves[0], leaves[1], leaves[2], *extra[1:])
+            y.backward(gy)
+            results.append([y.detach()] + [t.grad for t in leaves])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_entry_point_rejects_bad_index_length() -> None:
+    from qmm_plugin.ops import bank_linear
+
+    with pytest.raises(ValueError, match="index has 2 rows but the batch has 3"):
+        bank_linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 5), torch.tensor([0, 1]))
