@@ -20,15 +20,19 @@ Per-run tangential spread (Theorem 1's right side) is logged by the examples ove
 generalisation grids from the trained Q-WGAN (seed 0), and rewrites the generated blocks of
 ``docs/RESULTS.md`` from the results file (every number in those blocks comes from it).
 
-Budget (equal data per model inside each family; wall times are measured and reported):
+Budget (equal data per model inside each family: the same steps × batch; wall times are measured
+and reported; a Q-β-VAE step costs about A times a β-VAE step, so equal data is not equal time):
 
-=========  ==========================================  ====================================
-preset     GANs (n_critic = 1)                         VAEs (10 EM iterations per batch)
-=========  ==========================================  ====================================
-quick      2 seeds, 300 steps × 64, FID on 2,000       2 seeds, 30 steps × 64
-full       3 seeds, 3,000 steps × 64, FID on 10,000    3 seeds, 300 steps × 64
+=========  ===============================================  =====================================
+preset     GANs (one critic + one generator update / step)  VAEs (10 EM iterations per step)
+=========  ===============================================  =====================================
+quick      2 seeds, 300 steps × 32, FID on 2,000 samples     2 seeds, 20 steps × 32
+full       3 seeds, 2,000 steps × 64, FID on 10,000          3 seeds, 150 steps × 64
 smoke      the examples' ``--smoke`` (tests; seconds)
-=========  ==========================================  ====================================
+=========  ===============================================  =====================================
+
+Disentanglement sizes: quick 6 digits × 7 strengths, 50 fit steps; full 20 digits × 11
+strengths, 150 fit steps (the paper: 500 × 11). ``--gan-steps/--vae-steps/--seeds`` override.
 
 Resumable: a stopped study (Ctrl-C, killed session) continues where it stopped when rerun with
 the same command — finished (model, seed) pairs are skipped (found in ``results.jsonl``), an
@@ -65,10 +69,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qmm_plugin.data import load_mnist, render_letters, to_model_range
+from qmm_plugin.data import load_mnist, to_model_range
 from qmm_plugin.io import atomic_write_text
 from qmm_plugin.metrics import disentanglement_score
-from qmm_plugin.viz import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -86,6 +89,9 @@ MODELS: dict[str, tuple[str, str]] = {
     "qbvae-l0": ("mnist_qbvae.py", "Q-β-VAE λ=0"),
 }
 GAN_MODELS = ("wgan", "dmwgan", "qwgan", "qwgan-l0")
+#: Order in which a study trains the models of one seed (the central comparison first, so a
+#: stopped study has it); tables keep the MODELS order.
+PRIORITY = ("qwgan", "qwgan-l0", "wgan", "dmwgan", "qbvae", "qbvae-l0", "bvae")
 
 #: The paper's Table 1, MNIST rows (mean ± std over 10 runs), from ../shared/paper/NOTES.md.
 #: DMWGAN is the paper's DMWGAN (learned π); ours is the DMWGAN-style baseline with uniform π.
@@ -115,6 +121,7 @@ class Budget:
     dis_strengths: int  # strengths per image (paper: 11)
     inversion_steps: int  # cap on Eq. 3 Adam steps per image (q.invert's plateau schedule stops earlier)
     grid_inversion_steps: int  # Eq. 3 steps for the Fig. 5/6 generalisation grids
+    curve_points: int  # sample grids + exact tangential spread (an SVD per layer) per run
     smoke: bool = False
 
     def steps(self, model: str) -> int:
@@ -127,12 +134,13 @@ class Budget:
 
 
 PRESETS: dict[str, Budget] = {
-    "full": Budget("full", seeds=3, gan_steps=3000, vae_steps=300, batch_size=64, fid_samples=10000,
-                   dis_images=20, dis_strengths=11, inversion_steps=150, grid_inversion_steps=1000),
-    "quick": Budget("quick", seeds=2, gan_steps=300, vae_steps=30, batch_size=64, fid_samples=2000,
-                    dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300),
+    "full": Budget("full", seeds=3, gan_steps=2000, vae_steps=150, batch_size=64, fid_samples=10000,
+                   dis_images=20, dis_strengths=11, inversion_steps=150, grid_inversion_steps=1000, curve_points=20),
+    "quick": Budget("quick", seeds=2, gan_steps=300, vae_steps=20, batch_size=32, fid_samples=2000,
+                    dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300, curve_points=5),
     "smoke": Budget("smoke", seeds=1, gan_steps=4, vae_steps=2, batch_size=20, fid_samples=200,
-                    dis_images=2, dis_strengths=3, inversion_steps=3, grid_inversion_steps=3, smoke=True),
+                    dis_images=2, dis_strengths=3, inversion_steps=3, grid_inversion_steps=3, curve_points=1,
+                    smoke=True),
 }
 
 
@@ -160,7 +168,7 @@ def train_command(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str
     if b.smoke:
         cmd += ["--smoke"]
     else:
-        every = max(1, steps // 10)  # 10 sample grids + tangential-spread points, 10 checkpoints
+        every = max(1, steps // b.curve_points)  # sample grid + tangential spread; checkpoint
         cmd += ["--steps", str(steps), "--batch-size", str(b.batch_size), "--fid-samples", str(b.fid_samples),
                 "--sample-every", str(every), "--ckpt-every", str(every), "--log-every", str(max(1, steps // 100))]
     if resume:
@@ -186,7 +194,37 @@ def _expected_steps(model: str, b: Budget) -> int:
     return min(b.gan_steps, 4) if model in GAN_MODELS else min(b.vae_steps, 2)
 
 
-def train(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None) -> float:
+def child_env(threads: int) -> dict[str, str]:
+    """Environment of the example / evaluation subprocesses: ``threads`` intra-op threads each.
+    (On a shared 2-core machine two threads per process collapse under contention: a Q-WGAN step
+    measured 2.6 s with two threads against 0.78 s with one while other jobs ran.)"""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    return env
+
+
+def _run_logged(cmd: list[str], log: Path, threads: int) -> tuple[int, float]:
+    """Run ``cmd`` with its output appended to ``log``; returns ``(exit code, wall seconds)``.
+    On Ctrl-C the child (same process group, so it got the SIGINT too) is waited for: the
+    examples write a checkpoint before exiting."""
+    t0 = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=child_env(threads))
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+    return code, time.perf_counter() - t0
+
+
+def _tail(log: Path, n: int = 15) -> str:
+    return "".join(log.read_text().splitlines(keepends=True)[-n:])
+
+
+def train(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None, threads: int = 1) -> float:
     """Train (or continue, or only FID-evaluate) one run through its example; returns the wall
     seconds this call spent (0 when the run was already complete)."""
     steps = _expected_steps(model, b)
@@ -202,20 +240,9 @@ def train(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None)
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = train_command(model, seed, b, run_dir, data_dir, resume)
     log = run_dir / "train.log"
-    t0 = time.perf_counter()
-    with open(log, "a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # the child got the SIGINT too: it checkpoints and exits
-            proc.wait()
-            raise
-    seconds = time.perf_counter() - t0
+    code, seconds = _run_logged(cmd, log, threads)
     if code != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{model} seed {seed} failed (exit {code}); log {log}:\n{tail}")
+        raise RuntimeError(f"{model} seed {seed} training failed (exit {code}); log {log}:\n{_tail(log)}")
     _add_wall(run_dir, seconds)
     return seconds
 
@@ -373,49 +400,88 @@ def _done(rows: list[dict[str, Any]], model: str, seed: int, b: Budget) -> bool:
                and all(r.get(k) == v for k, v in key.items()) for r in rows)
 
 
-def run_study(b: Budget, models: Sequence[str], out: Path, data_dir: str | None) -> int:
-    """Train and evaluate every (seed, model) not yet in ``out/results.jsonl``; seed-major order,
-    so a stopped study has every model at its first seeds."""
+def run_one(model: str, seed: int, b: Budget, out: Path, data_dir: str | None, threads: int, tag: str
+            ) -> dict[str, Any]:
+    """Train (example subprocess) and evaluate (subprocess of this script: ``--evaluate-run``) one
+    run; returns its results row. Raises RuntimeError (with the log's tail) when a step fails."""
+    run_dir = out / f"{model}_s{seed}"
+    print(f"{tag}: training {_expected_steps(model, b)} steps (log {run_dir / 'train.log'})", flush=True)
+    sec = train(model, seed, b, run_dir, data_dir, threads)
+    final = _final_metrics(run_dir)
+    print(f"{tag}: trained ({sec:.0f} s this call); MNIST-FID {final['mnist_fid']:.2f}; disentanglement ...",
+          flush=True)
+    payload = json.dumps({"model": model, "seed": seed, "budget": asdict(b), "data_dir": data_dir})
+    log = run_dir / "eval.log"
+    code, eval_s = _run_logged([sys.executable, str(Path(__file__).resolve()), "--evaluate-run", str(run_dir),
+                                "--payload", payload], log, threads)
+    if code != 0:
+        raise RuntimeError(f"{model} seed {seed} evaluation failed (exit {code}); log {log}:\n{_tail(log)}")
+    dis = json.loads((run_dir / "disentanglement.json").read_text())
+    rows = json.loads((run_dir / "metrics.json").read_text())["rows"]
+    wall = json.loads((run_dir / "study_wall.json").read_text())["seconds"]
+    print(f"{tag}: dis slant {dis['dis_slant']:.2f}, width {dis['dis_width']:.2f} ({eval_s:.0f} s)", flush=True)
+    return {"model": model, "seed": seed, "preset": b.preset, "steps": _expected_steps(model, b),
+            "batch_size": b.batch_size if not b.smoke else None, **b.eval_key(),
+            "mnist_fid": final["mnist_fid"], "fid_test_images": final.get("mnist_fid_test_images"),
+            "fid_real_train_vs_test": final.get("mnist_fid_real_train_vs_test"),
+            "dis_slant": dis["dis_slant"], "dis_width": dis["dis_width"], "threads": threads,
+            "sec_per_step": rows[-1].get("sec_per_step"), "example_wall_s": round(wall, 1),
+            "dis_eval_s": round(eval_s, 1),
+            "tangential_spread": {k.split("/", 1)[1]: v for k, v in final.items()
+                                  if k.startswith("tangential_spread/")},
+            "run_dir": str(run_dir), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def evaluate_run_main(run_dir: Path, payload: str) -> int:
+    """``--evaluate-run``: the disentanglement scores of one trained run, written atomically to
+    ``run_dir/disentanglement.json`` (a subprocess, so that parallel jobs each get their threads)."""
+    p = json.loads(payload)
+    b = Budget(**p["budget"])
+    dis = evaluate_disentanglement(p["model"], run_dir, b, p["data_dir"], p["seed"])
+    atomic_write_text(json.dumps(dis) + "\n", run_dir / "disentanglement.json")
+    return 0
+
+
+def run_study(b: Budget, models: Sequence[str], out: Path, data_dir: str | None, jobs: int = 1,
+              threads: int = 1) -> int:
+    """Train and evaluate every (seed, model) not yet in ``out/results.jsonl``, ``jobs`` runs at a
+    time; seed-major order (and :data:`PRIORITY` within a seed), so a stopped study has every
+    model at its first seeds. Only this (main) thread appends to the results file."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    atomic_write_text(json.dumps({**asdict(b), "models": list(models), "data_dir": data_dir}, indent=1) + "\n",
-                      out / "study.json")
-    jobs = [(seed, m) for seed in range(b.seeds) for m in models]
-    failures: list[str] = []
-    t_study = time.perf_counter()
-    for k, (seed, model) in enumerate(jobs, 1):
-        tag = f"[{k}/{len(jobs)}] {model} seed {seed}"
+    command = "python benchmarks/reproduce_table1.py " + " ".join(sys.argv[1:])
+    atomic_write_text(json.dumps({**asdict(b), "models": list(models), "data_dir": data_dir, "command": command},
+                                 indent=1) + "\n", out / "study.json")
+    order = [(seed, m) for seed in range(b.seeds) for m in sorted(models, key=PRIORITY.index)]
+    todo = []
+    for k, (seed, model) in enumerate(order, 1):
+        tag = f"[{k}/{len(order)}] {model} seed {seed}"
         if _done(read_results(results), model, seed, b):
             print(f"{tag}: in {results.name}, skipped", flush=True)
-            continue
-        run_dir = out / f"{model}_s{seed}"
-        try:
-            print(f"{tag}: training {_expected_steps(model, b)} steps (log {run_dir / 'train.log'})", flush=True)
-            sec = train(model, seed, b, run_dir, data_dir)
-            final = _final_metrics(run_dir)
-            print(f"{tag}: trained ({sec:.0f} s this call); MNIST-FID {final['mnist_fid']:.2f}; "
-                  "disentanglement ...", flush=True)
-            t0 = time.perf_counter()
-            dis = evaluate_disentanglement(model, run_dir, b, data_dir, seed)
-            eval_s = time.perf_counter() - t0
-        except RuntimeError as err:
-            print(f"{tag}: FAILED: {err}", file=sys.stderr, flush=True)
-            failures.append(f"{model} seed {seed}")
-            continue
-        rows = json.loads((run_dir / "metrics.json").read_text())["rows"]
-        wall = json.loads((run_dir / "study_wall.json").read_text())["seconds"]
-        row = {"model": model, "seed": seed, "preset": b.preset, "steps": _expected_steps(model, b),
-               "batch_size": b.batch_size if not b.smoke else None, **b.eval_key(),
-               "mnist_fid": final["mnist_fid"], "fid_test_images": final.get("mnist_fid_test_images"),
-               "fid_real_train_vs_test": final.get("mnist_fid_real_train_vs_test"), **dis,
-               "sec_per_step": rows[-1].get("sec_per_step"), "example_wall_s": round(wall, 1),
-               "dis_eval_s": round(eval_s, 1),
-               "tangential_spread": {k.split("/", 1)[1]: v for k, v in final.items()
-                                     if k.startswith("tangential_spread/")},
-               "run_dir": str(run_dir), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        append_result(results, row)
-        print(f"{tag}: dis slant {dis['dis_slant']:.2f}, width {dis['dis_width']:.2f} ({eval_s:.0f} s); "
-              f"study so far {(time.perf_counter() - t_study) / 60:.1f} min", flush=True)
+        else:
+            todo.append((tag, seed, model))
+    failures: list[str] = []
+    t_study = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    running: dict[Future[dict[str, Any]], str] = {}
+    try:
+        for tag, seed, model in todo:
+            running[pool.submit(run_one, model, seed, b, out, data_dir, threads, tag)] = tag
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                tag = running.pop(fut)
+                try:
+                    append_result(results, fut.result())
+                    print(f"{tag}: appended to {results}; study so far {(time.perf_counter() - t_study) / 60:.1f} "
+                          "min", flush=True)
+                except RuntimeError as err:
+                    print(f"{tag}: FAILED: {err}", file=sys.stderr, flush=True)
+                    failures.append(tag)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if failures:
         print(f"{len(failures)} run(s) failed: {', '.join(failures)}; rerun the same command to retry them",
               file=sys.stderr)
@@ -505,35 +571,24 @@ def spread_curves(out: Path, models: Sequence[str], seeds: Sequence[int]) -> dic
 
 
 # ------------------------------------------------------------------------ generalisation
-def _with_noise_rectangle(images: Tensor, seed: int, size: int = 10) -> Tensor:
-    """Digits in [-1, 1] with a ``size``×``size`` patch of uniform noise at a random place (Fig. 5)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = images.clone()
-    for i in range(out.shape[0]):
-        r, c = torch.randint(0, 28 - size, (2,), generator=gen).tolist()
-        out[i, :, r:r + size, c:c + size] = torch.rand(1, size, size, generator=gen) * 2 - 1
-    return out
-
-
-def generalisation_grids(run_dir: Path, model: str, dest: Path, data_dir: str | None, steps: int,
-                         samples: int = 8) -> list[Path]:
-    """Fig. 5/6: encode images off every trained manifold (digits with a noise rectangle; font-rendered
-    letters) by Eq. 3 and sample their derived manifolds. One PNG per input kind; each row is
-    ``input | reconstruction | samples`` new codes on the derived manifold."""
-    from qmm_plugin.inversion import sample_manifold
-
-    q = load_generator(model, run_dir)
-    test, _ = load_mnist(data_dir, "test")
-    letters, _ = render_letters(6, seed=0)
-    inputs = {"noise": _with_noise_rectangle(to_model_range(test[100:106]), seed=0),
-              "letters": to_model_range(letters)}
+def generalisation_grids(run_dir: Path, model: str, dest: Path, data_dir: str | None, steps: int, tag: str,
+                         images: int = 6) -> list[Path]:
+    """Fig. 5/6 from a trained run: ``examples/generalize.py`` (Eq. 3 with free biases on digits
+    with a noise rectangle, coloured digits and rendered letters; derived-manifold samples), its
+    PNGs copied to ``dest/generalize_{kind}_{model}_{tag}.png``."""
+    work = run_dir / "generalize"
+    cmd = [sys.executable, str(EXAMPLES / "generalize.py"), "--checkpoint", str(run_dir / "checkpoint.pt"),
+           "--inv-steps", str(steps), "--images", str(images), "--out", str(work), "--device", "cpu"]
+    if data_dir is not None:
+        cmd += ["--data-dir", data_dir]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"generalize.py failed on {run_dir} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     paths = []
-    for kind, x in inputs.items():
-        inv = q.invert(x, steps=steps, seed=0, progress=True)
-        new = sample_manifold(q, inv, samples, generator=torch.Generator().manual_seed(0))
-        rows = torch.cat([x.unsqueeze(1), inv.reconstruction.unsqueeze(1), new], dim=1)
-        paths.append(save_grid(rows.reshape(-1, *x.shape[1:]), dest / f"generalize_{kind}_{model}.png",
-                               nrow=samples + 2, scale=2))
+    for png in sorted(work.glob("generalize_*.png")):
+        target = dest / f"{png.stem}_{model}_{tag}.png"
+        shutil.copyfile(png, target)
+        paths.append(target)
     return paths
 
 
@@ -673,10 +728,9 @@ def report(b: Budget, models: Sequence[str], out: Path, data_dir: str | None, do
     for m in ("qwgan", "qwgan-l0"):
         run_dir = out / f"{m}_s0"
         if grids and m in models and (run_dir / "checkpoint.pt").is_file():
-            for p in generalisation_grids(run_dir, m, assets_dir, data_dir, b.grid_inversion_steps):
-                final = p.with_name(p.stem + f"_{tag}.png")
-                p.replace(final)
-                assets[final.stem] = rel(final)
+            for p in generalisation_grids(run_dir, m, assets_dir, data_dir, b.grid_inversion_steps, tag,
+                                          images=2 if b.smoke else 6):
+                assets[p.stem] = rel(p)
     for m in models:
         run_dir = out / f"{m}_s0"
         grids_png = sorted(run_dir.glob("samples_step*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem)))
@@ -706,6 +760,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"folder with the four MNIST idx files (default: {DEFAULT_DATA}); 'embedded' = the "
                         "10k/2k subset inside qmm_plugin (for tests)")
     p.add_argument("--out", default=None, help="study folder (default: runs/table1/<preset>)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated at the same time (default: 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of each run's subprocesses (default: 1; see child_env)")
+    p.add_argument("--evaluate-run", default=None, help=argparse.SUPPRESS)  # internal: one run's evaluation
+    p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true",
                    help="after the study (or instead, with --report-only): plots, grids and the generated "
                         "block of --doc")
@@ -714,6 +773,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc", default=str(DOCS / "RESULTS.md"), help="markdown file whose block is rewritten")
     p.add_argument("--assets", default=str(DOCS / "results"), help="folder for plots and results copies")
     args = p.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     preset = "quick" if args.quick else "smoke" if args.smoke else "full"
     b = PRESETS[preset]
     for name in ("seeds", "gan_steps", "vae_steps"):
@@ -738,19 +799,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.evaluate_run is not None:
+        return evaluate_run_main(Path(args.evaluate_run), args.payload)
     b = args.budget
     print(f"study {b.preset}: {b.seeds} seed(s) × {len(args.model_list)} models; GAN {b.gan_steps} steps, VAE "
-          f"{b.vae_steps} steps, batch {b.batch_size}; out {args.out}; torch threads {torch.get_num_threads()}; "
+          f"{b.vae_steps} steps, batch {b.batch_size}; out {args.out}; {args.jobs} job(s) × {args.threads} thread(s); "
           f"no GPU used (--device cpu)", flush=True)
     code = 0
     if not args.report_only:
         try:
-            code = run_study(b, args.model_list, args.out, args.data_dir)
+            code = run_study(b, args.model_list, args.out, args.data_dir, args.jobs, args.threads)
         except KeyboardInterrupt:
             print("\nstopped; rerun the same command to continue where it stopped", file=sys.stderr)
             return 130
     if args.report or args.report_only:
-        cmd = "python benchmarks/reproduce_table1.py" + {"quick": " --quick", "smoke": " --smoke", "full": ""}[b.preset]
+        study = args.out / "study.json"
+        cmd = json.loads(study.read_text())["command"] if study.is_file() else "?"
         doc = report(b, args.model_list, args.out, args.data_dir, Path(args.doc), Path(args.assets), cmd,
                      grids=not args.no_grids)
         print(f"report: {doc}", flush=True)
