@@ -32,3 +32,11 @@ __all__ = [
     "viz",
 ]
 __version__ = "0.1.0"
+
+import importlib.util as _ilu
+
+import torch as _torch
+
+if _torch.cuda.is_available() and _ilu.find_spec("triton") is not None:
+    from . import _triton  # noqa: F401  (registers the Triton CUDA kernels behind the qmm:: ops)
+
