@@ -60,27 +60,47 @@ def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEF
     return {path: torch.log(bias_spread(m.weight, m.bias_bank) + eps) for path, m in layers.items()}
 
 
+def _column_space(w: Tensor, rtol: float | None) -> tuple[Tensor, Tensor | None]:
+    """An orthonormal basis of col(w) in factored form, from the eigendecomposition of the small
+    Gram matrix: ``(V, s)`` with ``Q = w V / s`` when w is tall, ``(Q, None)`` when it is wide."""
+    tol = rtol if rtol is not None else max(w.shape) * torch.finfo(torch.float32).eps
+    if w.shape[0] <= w.shape[1]:  # wide or square: the eigenvectors of W W^T span col(W) directly
+        evals, evecs = torch.linalg.eigh(w @ w.T)
+        sing = evals.clamp_min(0).sqrt()
+        return evecs[:, sing > tol * sing.max()], None
+    evals, v = torch.linalg.eigh(w.T @ w)
+    sing = evals.clamp_min(0).sqrt()
+    keep = sing > tol * sing.max()
+    return v[:, keep], sing[keep]
+
+
 def tangential_basis(weight: Tensor, rtol: float | None = None) -> Tensor:
     """Orthonormal basis ``Q`` (``(out, r)``, float64) of the column space of ``weight``.
 
-    ``Q Q^T`` is the projector onto the tangential space; ``r`` is the numerical rank.
+    ``Q Q^T`` is the projector onto the tangential space; ``r`` is the numerical rank (singular
+    values above ``rtol * s_max``, default ``rtol = max(out, in) * eps(float32)``). Computed from
+    the eigendecomposition of the small Gram matrix (``W^T W``, in x in, then ``Q = W V / s``)
+    rather than an SVD of ``W``: for the paper's 1024->6272 layer that is a 1024 x 1024 problem.
     """
-    u, s, _ = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    tol = (rtol if rtol is not None else max(weight.shape) * torch.finfo(weight.dtype).eps) * s.max()
-    return u[:, s > tol]
+    w = weight.detach().double()
+    right, sing = _column_space(w, rtol)
+    return right if sing is None else (w @ right) / sing
 
 
 def tangential_spread(layers: Mapping[str, MultiBiasLinear]) -> dict[str, float]:
     r"""Exact :math:`\operatorname{tr}\operatorname{cov}_i(a_\parallel^{(i)})` per layer, in float64.
 
     The quantity Theorem 1 bounds; for monitoring (not differentiable). Zero means the bank
-    satisfies Proposition 1 exactly.
+    satisfies Proposition 1 exactly. The coordinates ``(a_i - a_bar) Q`` are computed as
+    ``((a_i - a_bar) W) V / s`` without forming ``Q``.
     """
     out: dict[str, float] = {}
     for path, m in layers.items():
-        q = tangential_basis(m.weight)
+        w = m.weight.detach().double()
         bank = m.bias_bank.detach().double()
-        coords = (bank - bank.mean(0, keepdim=True)) @ q  # coordinates of a_par - mean in the basis
+        centred = bank - bank.mean(0, keepdim=True)
+        right, sing = _column_space(w, None)
+        coords = centred @ right if sing is None else (centred @ w) @ right / sing
         out[path] = float(coords.pow(2).sum() / max(bank.shape[0] - 1, 1))
     return out
 
