@@ -261,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=MODELS, default="qwgan", help="which GAN (default: qwgan)")
     p.add_argument("--lam", type=float, default=None, help="λ of λ·R_BA for --model qwgan (default: 0.05)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, G and D (default: 2e-4)")
+    p.add_argument("--beta1", type=float, default=0.9,
+                   help="Adam beta1, G and D (default: 0.9, the paper's 'default Adam settings')")
     p.add_argument("--n-critic", type=int, default=1, help="critic steps per generator step (default: 1)")
     p.add_argument("--critic-bn", action="store_true",
                    help="BatchNorm in the critic as listed in Appendix B (default: off; see the module docstring)")
@@ -287,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     fam = make_family(args.model, args.lam, args.critic_bn)
     fam.generator.to(d.device)
     fam.critic.to(d.device)
-    opt_g = torch.optim.Adam(fam.generator.parameters(), lr=args.lr)
-    opt_d = torch.optim.Adam(fam.critic.parameters(), lr=args.lr)
+    opt_g = torch.optim.Adam(fam.generator.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    opt_d = torch.optim.Adam(fam.critic.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     images, _ = load_mnist(args.data_dir, "train")
     batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
                                world_size=d.world_size)
