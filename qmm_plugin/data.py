@@ -300,17 +300,20 @@ def load_mnist(
             "embedded subset."
         )
     dirs = [root, root / "MNIST" / "raw", root / "raw"]
-    prefix = _MNIST_PREFIX[split]
+    hint = f"Download it from the MNIST mirror into {root}, or pass data_dir=None for the embedded subset."
+    return _load_idx_pair(dirs, _MNIST_PREFIX[split], f"MNIST {split}", hint, root)
+
+
+def _load_idx_pair(dirs: Sequence[Path], prefix: str, what: str, hint: str, root: Path) -> tuple[Tensor, Tensor]:
+    """Images ``{prefix}-images-idx3-ubyte[.gz]`` and labels ``{prefix}-labels-idx1-ubyte[.gz]``
+    from the first of ``dirs`` holding them; a missing file names every path tried and ``hint``."""
     found: list[Path] = []
     for kind in ("images-idx3", "labels-idx1"):
         path, tried = _find_file(dirs, f"{prefix}-{kind}-ubyte")
         if path is None:
             listing = "\n  ".join(str(t) for t in tried)
             raise FileNotFoundError(
-                f"MNIST {split} file '{prefix}-{kind}-ubyte[.gz]' not found. Looked for:\n  "
-                f"{listing}\nDownload it from the MNIST mirror into {root}, or pass "
-                "data_dir=None for the embedded subset."
-            )
+                f"{what} file '{prefix}-{kind}-ubyte[.gz]' not found. Looked for:\n  {listing}\n{hint}")
         found.append(path)
     images, labels = read_idx(found[0]), read_idx(found[1])
     _check_image_label_pair(images, labels, str(root))
@@ -354,21 +357,11 @@ def load_emnist(
     root = Path(data_dir).expanduser()
     part = "train" if train else "test"
     dirs = [root, root / "gzip", root / "EMNIST" / "raw"]
-    found: list[Path] = []
-    for kind in ("images-idx3", "labels-idx1"):
-        path, tried = _find_file(dirs, f"emnist-{split}-{part}-{kind}-ubyte")
-        if path is None:
-            listing = "\n  ".join(str(t) for t in tried)
-            raise FileNotFoundError(
-                f"EMNIST file 'emnist-{split}-{part}-{kind}-ubyte[.gz]' not found. Looked for:\n  "
-                f"{listing}\nDownload the EMNIST 'gzip' archive from NIST "
-                "(https://www.nist.gov/itl/products-and-services/emnist-dataset) and unpack it "
-                f"into {root}; or use qmm_plugin.data.render_letters() for font-rendered letters."
-            )
-        found.append(path)
-    images, labels = read_idx(found[0]), read_idx(found[1])
-    _check_image_label_pair(images, labels, str(root))
-    return images.transpose(1, 2).contiguous(), labels.to(torch.int64)
+    hint = ("Download the EMNIST 'gzip' archive from NIST "
+            "(https://www.nist.gov/itl/products-and-services/emnist-dataset) and unpack it "
+            f"into {root}; or use qmm_plugin.data.render_letters() for font-rendered letters.")
+    images, labels = _load_idx_pair(dirs, f"emnist-{split}-{part}", "EMNIST", hint, root)
+    return images.transpose(1, 2).contiguous(), labels
 
 
 # ----------------------------------------------------------------------------- value range
