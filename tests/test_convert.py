@@ -229,8 +229,8 @@ def test_torch_save_load_and_to_dtype() -> None:
 def test_functional_call() -> None:
     """functional_call with substituted parameters, forward and backward (torch.autograd.grad).
 
-    torch.func.grad/vmap over the op are not supported: PyTorch's custom_op autograd does not
-    support functorch transforms yet (pytorch/pytorch#168393)."""
+    torch.func.grad/vmap through the registered custom op (compile, CUDA) are not supported:
+    PyTorch's custom_op autograd does not support functorch transforms yet (pytorch/pytorch#168393)."""
     torch.manual_seed(0)
     q = qmm_plugin.convert(view_in_sequential(), num_biases=3)
     params = {k: v.detach() * 0 for k, v in q.named_parameters()}
@@ -240,6 +240,10 @@ def test_functional_call() -> None:
     loss = torch.func.functional_call(q, live, (torch.randn(4, 8),), {"manifold": torch.tensor([0, 0, 2, 2])}).sum()
     (grad_bank,) = torch.autograd.grad(loss, [live["model.0.bias_bank"]])
     assert grad_bank.shape == (3, 64) and grad_bank[1].abs().sum() == 0 and grad_bank[0].abs().sum() > 0
+    # eager CPU runs the op's reference computation, so torch.func.grad works there
+    grads = torch.func.grad(lambda p: torch.func.functional_call(q, p, (torch.randn(4, 8),), {"manifold": 2}).sum())(
+        dict(q.named_parameters()))
+    assert grads["model.0.bias_bank"][2].abs().sum() > 0 and grads["model.0.bias_bank"][:2].abs().sum() == 0
 
 
 def test_torch_compile_converted_generator_fullgraph() -> None:
