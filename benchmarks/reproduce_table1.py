@@ -26,13 +26,19 @@ and reported; a Q-β-VAE step costs about A times a β-VAE step, so equal data i
 =========  ===============================================  =====================================
 preset     GANs (one critic + one generator update / step)  VAEs (10 EM iterations per step)
 =========  ===============================================  =====================================
-quick      2 seeds, 300 steps × 32, FID on 2,000 samples     2 seeds, 20 steps × 32
-full       3 seeds, 2,000 steps × 64, FID on 10,000          3 seeds, 150 steps × 64
+quick      2 seeds, 200 steps × 32, FID on 2,000 samples     2 seeds, 10 steps × 32
+full       3 seeds, 1,000 steps × 64, FID on 10,000          3 seeds, 30 steps × 64
 smoke      the examples' ``--smoke`` (tests; seconds)
 =========  ===============================================  =====================================
 
-Disentanglement sizes: quick 6 digits × 7 strengths, 50 fit steps; full 20 digits × 11
-strengths, 150 fit steps (the paper: 500 × 11). ``--gan-steps/--vae-steps/--seeds`` override.
+Measured on this 2-core machine with one thread per run: a Q-WGAN step (B = 32) ≈ 0.6-0.9 s,
+a Q-β-VAE step ≈ 11-13 s, a β-VAE step ≈ 3 s — the ten EM iterations over A = 10 decoders make
+the VAEs the bottleneck, hence their few steps. Two runs go at a time (``--jobs 2``, one thread
+each; each then runs about half as fast, so the gain over one job is small). Full: about four to
+five hours; quick: about 25 minutes.
+
+Disentanglement sizes: quick 6 digits × 7 strengths, 50 fit steps; full 10 digits × 11
+strengths, 100 fit steps (the paper: 500 × 11). ``--gan-steps/--vae-steps/--seeds`` override.
 
 Resumable: a stopped study (Ctrl-C, killed session) continues where it stopped when rerun with
 the same command — finished (model, seed) pairs are skipped (found in ``results.jsonl``), an
@@ -41,7 +47,7 @@ finished is only evaluated.
 
 Usage::
 
-    python benchmarks/reproduce_table1.py --quick                 # ~10-15 min on 2 cores
+    python benchmarks/reproduce_table1.py --quick                 # ~25 min on 2 cores
     python benchmarks/reproduce_table1.py                         # full (hours), resumable
     python benchmarks/reproduce_table1.py --quick --report        # (re)write docs/RESULTS.md blocks
     python benchmarks/reproduce_table1.py --smoke --data-dir embedded --out /tmp/s   # seconds
@@ -134,9 +140,9 @@ class Budget:
 
 
 PRESETS: dict[str, Budget] = {
-    "full": Budget("full", seeds=3, gan_steps=2000, vae_steps=150, batch_size=64, fid_samples=10000,
-                   dis_images=20, dis_strengths=11, inversion_steps=150, grid_inversion_steps=1000, curve_points=20),
-    "quick": Budget("quick", seeds=2, gan_steps=300, vae_steps=20, batch_size=32, fid_samples=2000,
+    "full": Budget("full", seeds=3, gan_steps=1000, vae_steps=30, batch_size=64, fid_samples=10000,
+                   dis_images=10, dis_strengths=11, inversion_steps=100, grid_inversion_steps=1000, curve_points=20),
+    "quick": Budget("quick", seeds=2, gan_steps=200, vae_steps=10, batch_size=32, fid_samples=2000,
                     dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300, curve_points=5),
     "smoke": Budget("smoke", seeds=1, gan_steps=4, vae_steps=2, batch_size=20, fid_samples=200,
                     dis_images=2, dis_strengths=3, inversion_steps=3, grid_inversion_steps=3, curve_points=1,
@@ -760,7 +766,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"folder with the four MNIST idx files (default: {DEFAULT_DATA}); 'embedded' = the "
                         "10k/2k subset inside qmm_plugin (for tests)")
     p.add_argument("--out", default=None, help="study folder (default: runs/table1/<preset>)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated at the same time (default: 1)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained/evaluated at the same time (default: 2)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of each run's subprocesses (default: 1; see child_env)")
     p.add_argument("--evaluate-run", default=None, help=argparse.SUPPRESS)  # internal: one run's evaluation
