@@ -535,21 +535,28 @@ def plot_log_curves(series: list[tuple[str, list[float], list[float], tuple[int,
         xx, _ = px(x, 10.0 ** hi)
         draw.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
         draw.text((xx, h - bottom + 6), f"{x:g}", fill="black", font=font, anchor="mt")
-    draw.text((left, 4), title, fill="black", font=font)
+    draw.text((left, 2), title, fill="black", font=font)
     draw.text((left + (w - left - right) / 2, h - 18), xlabel, fill="black", font=font, anchor="mt")
     draw.text((8, top - 16), ylabel, fill="black", font=font)
     for k, (label, xs, ys, rgb, dashed) in enumerate(series):
         line = [px(x, y) for x, y in zip(xs, ys) if y > 0 and math.isfinite(y)]
-        for j, (p, q) in enumerate(zip(line, line[1:])):
-            if not dashed or j % 2 == 0:
+        for p, q in zip(line, line[1:]):
+            if not dashed:
                 draw.line([p, q], fill=rgb, width=2)
+                continue
+            length = math.hypot(q[0] - p[0], q[1] - p[1])
+            for t0 in range(0, max(int(length), 1), 12):  # 7 px dash, 5 px gap
+                a, c = t0 / max(length, 1e-9), min(t0 + 7, length) / max(length, 1e-9)
+                draw.line([(p[0] + a * (q[0] - p[0]), p[1] + a * (q[1] - p[1])),
+                           (p[0] + c * (q[0] - p[0]), p[1] + c * (q[1] - p[1]))], fill=rgb, width=2)
         for p in line:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=rgb)
         ly = top + 8 + 18 * k
         lx = w - right + 10
         draw.line([lx, ly, lx + 24, ly], fill=rgb, width=2)
         if dashed:
-            draw.line([lx + 8, ly, lx + 16, ly], fill="white", width=2)
+            draw.line([lx + 7, ly, lx + 12, ly], fill="white", width=2)
+            draw.line([lx + 19, ly, lx + 24, ly], fill="white", width=2)
         draw.text((lx + 30, ly), label, fill="black", font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -583,6 +590,10 @@ def generalisation_grids(run_dir: Path, model: str, dest: Path, data_dir: str | 
     with a noise rectangle, coloured digits and rendered letters; derived-manifold samples), its
     PNGs copied to ``dest/generalize_{kind}_{model}_{tag}.png``."""
     work = run_dir / "generalize"
+    ckpt = run_dir / "checkpoint.pt"
+    done = sorted(work.glob("generalize_*.png"))
+    if done and all(png.stat().st_mtime > ckpt.stat().st_mtime for png in done):  # already drawn from this checkpoint
+        return _copy_grids(done, dest, model, tag)
     cmd = [sys.executable, str(EXAMPLES / "generalize.py"), "--checkpoint", str(run_dir / "checkpoint.pt"),
            "--inv-steps", str(steps), "--images", str(images), "--out", str(work), "--device", "cpu"]
     if data_dir is not None:
@@ -590,8 +601,12 @@ def generalisation_grids(run_dir: Path, model: str, dest: Path, data_dir: str | 
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"generalize.py failed on {run_dir} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return _copy_grids(sorted(work.glob("generalize_*.png")), dest, model, tag)
+
+
+def _copy_grids(pngs: list[Path], dest: Path, model: str, tag: str) -> list[Path]:
     paths = []
-    for png in sorted(work.glob("generalize_*.png")):
+    for png in pngs:
         target = dest / f"{png.stem}_{model}_{tag}.png"
         shutil.copyfile(png, target)
         paths.append(target)
@@ -651,8 +666,12 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
                      f"{_fmt([r['dis_eval_s'] for r in rs], 0)} s |")
     fid_imgs = sorted({r.get("fid_test_images") for r in rows} - {None})
     ref = [r["fid_real_train_vs_test"] for r in rows if r.get("fid_real_train_vs_test") is not None]
-    lines += ["", f"MNIST-FID: {b.fid_samples} generated images vs {', '.join(map(str, fid_imgs))} test digits"
-              + (f" (real training digits, same count: {_fmt(ref)})" if ref else "") + ". Disentanglement: "
+    total = sum(r["example_wall_s"] + r["dis_eval_s"] for r in rows) / 3600
+    lines += ["", f"Sum over runs of (example wall + disentanglement evaluation): {total:.2f} h "
+              "(runs overlap with `--jobs 2`, so the study's elapsed time is shorter).", ""]
+    lines += [f"MNIST-FID: {b.fid_samples} generated images vs {', '.join(map(str, fid_imgs))} test digits"
+              + (f" (for scale, {b.fid_samples} real training digits score {ref[0]:.2f})" if ref else "")
+              + ". Disentanglement: "
               f"{b.dis_images} test digits × {b.dis_strengths} strengths; GAN encoder: latent-only fit on "
               f"the trained manifolds, {b.inversion_steps} Adam steps per stage. Seeds: {', '.join(map(str, n_seeds))}.", "",
               "| model | MNIST-FID (ours) | FID (paper) | Dis. slant (ours) | (paper) | Dis. width (ours) | (paper) |",
@@ -682,8 +701,22 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
                      ("spread_vae", "tangential spread, Q-β-VAE vs λ=0")):
         if key in assets:
             lines += [f"![{alt}]({assets[key]})", ""]
-    for key in sorted(k for k in assets if k.startswith(("generalize", "samples"))):
-        lines += [f"`{assets[key]}`:", "", f"![{key}]({assets[key]})", ""]
+    gen_models = [m for m in ("qwgan", "qwgan-l0") if any(k.startswith("generalize_") and f"_{m}_" in k
+                                                          for k in assets)]
+    if gen_models:
+        lines += ["Generalisation (Fig. 5/6; seed 0; rows: input | reconstruction | derived-manifold samples):", "",
+                  "| input | " + " | ".join(MODELS[m][1] for m in gen_models) + " |",
+                  "|---|" + "---|" * len(gen_models)]
+        for kind in ("noise", "colour", "letters"):
+            cells = [f"![{kind} {m}]({assets[k]})" if (k := f"generalize_{kind}_{m}_{b.preset}") in assets else "—"
+                     for m in gen_models]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines.append("")
+    sample_keys = [m for m in models if f"samples_{m}" in assets]
+    if sample_keys:
+        lines += ["Final sample grids, seed 0 (rows: manifolds / generators, columns: shared latents):", "",
+                  "| " + " | ".join(MODELS[m][1] for m in sample_keys) + " |", "|" + "---|" * len(sample_keys),
+                  "| " + " | ".join(f"![{m}]({assets[f'samples_{m}']})" for m in sample_keys) + " |", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
