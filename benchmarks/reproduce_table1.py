@@ -141,7 +141,7 @@ class Budget:
 
 PRESETS: dict[str, Budget] = {
     "full": Budget("full", seeds=3, gan_steps=1000, vae_steps=30, batch_size=64, fid_samples=10000,
-                   dis_images=10, dis_strengths=11, inversion_steps=100, grid_inversion_steps=1000, curve_points=20),
+                   dis_images=10, dis_strengths=11, inversion_steps=100, grid_inversion_steps=500, curve_points=20),
     "quick": Budget("quick", seeds=2, gan_steps=200, vae_steps=10, batch_size=32, fid_samples=2000,
                     dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300, curve_points=5),
     "smoke": Budget("smoke", seeds=1, gan_steps=4, vae_steps=2, batch_size=20, fid_samples=200,
@@ -563,13 +563,15 @@ def plot_log_curves(series: list[tuple[str, list[float], list[float], tuple[int,
     return path
 
 
-def spread_curves(out: Path, models: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, list[list[float]]]]:
+def spread_curves(out: Path, models: Sequence[str], runs: set[tuple[str, int]]
+                  ) -> dict[str, dict[str, list[list[float]]]]:
     """``{model: {layer: [[step, geometric mean over seeds of tr cov(a_par)], ...]}}`` from the
-    runs' ``metrics.json`` (the tangential spread logged at every sample grid)."""
+    ``metrics.json`` of the finished ``runs`` ((model, seed) pairs in the results file; a run still
+    training is left out) — the tangential spread logged at every sample grid."""
     curves: dict[str, dict[str, list[list[float]]]] = {}
     for model in models:
         per_layer: dict[str, dict[int, list[float]]] = {}
-        for seed in seeds:
+        for seed in sorted(s for m, s in runs if m == model):
             path = out / f"{model}_s{seed}" / "metrics.json"
             if not path.is_file():
                 continue
@@ -749,8 +751,8 @@ def report(b: Budget, models: Sequence[str], out: Path, data_dir: str | None, do
     summary = summarize(rows, models)
     atomic_write_text(json.dumps({"budget": asdict(b), "summary": summary, "paper": PAPER_TABLE1}, indent=1) + "\n",
                       assets_dir / f"summary_{tag}.json")
-    seeds = sorted({r["seed"] for r in rows})
-    curves = spread_curves(out, [m for m in models if m in ("qwgan", "qwgan-l0", "qbvae", "qbvae-l0")], seeds)
+    curves = spread_curves(out, [m for m in models if m in ("qwgan", "qwgan-l0", "qbvae", "qbvae-l0")],
+                           {(r["model"], r["seed"]) for r in rows})
     atomic_write_text(json.dumps(curves, indent=1) + "\n", assets_dir / f"spread_curves_{tag}.json")
     for key, pair, title in (("spread_gan", ("qwgan", "qwgan-l0"), "Q-WGAN (lambda=0.05, solid) vs lambda=0 (dashed)"),
                              ("spread_vae", ("qbvae", "qbvae-l0"), "Q-beta-VAE (lambda=1, solid) vs lambda=0 (dashed)")):
@@ -766,12 +768,14 @@ def report(b: Budget, models: Sequence[str], out: Path, data_dir: str | None, do
             assets[key] = rel(path)
     for m in ("qwgan", "qwgan-l0"):
         run_dir = out / f"{m}_s0"
-        if grids and m in models and (run_dir / "checkpoint.pt").is_file():
+        if grids and any(r["model"] == m and r["seed"] == 0 for r in rows):  # a finished run only
             for p in generalisation_grids(run_dir, m, assets_dir, data_dir, b.grid_inversion_steps, tag,
                                           images=2 if b.smoke else 6):
                 assets[p.stem] = rel(p)
     for m in models:
         run_dir = out / f"{m}_s0"
+        if not any(r["model"] == m and r["seed"] == 0 for r in rows):
+            continue
         grids_png = sorted(run_dir.glob("samples_step*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem)))
         if grids_png:
             dest = assets_dir / f"samples_{m}_{tag}.png"
