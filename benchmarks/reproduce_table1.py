@@ -615,6 +615,40 @@ def _copy_grids(pngs: list[Path], dest: Path, model: str, tag: str) -> list[Path
     return paths
 
 
+# ------------------------------------------------------------------------ manifold structure
+@torch.no_grad()
+def manifold_structure(model: str, run_dir: Path, n: int = 64, seed: int = 0) -> dict[str, Any] | None:
+    """How distinct a trained run's manifolds are (from its checkpoint; ``None`` for A = 1).
+
+    * ``bias_spread``: per converted layer, the *total* spread tr cov_i(a^(i)) of the bias bank
+      (tangential + normal parts; compare with the tangential spread);
+    * ``diversity``: for the same codes z, the mean pixel distance between the images of two
+      different manifolds, divided by the mean distance between two different codes on one
+      manifold (0: every manifold draws the same image, as when the banks never separated).
+    """
+    if model in ("wgan", "bvae"):
+        return None
+    if model in ("bvae", "qbvae", "qbvae-l0"):
+        q, _ = load_vae(run_dir)
+        forward = lambda z, i: torch.sigmoid(q(z, manifold=i)) * 2 - 1  # noqa: E731 (Bernoulli mean)
+        a, z_dim, bank_model = q.num_biases, q.model.z_dim, q
+    elif model == "dmwgan":
+        g = load_generator(model, run_dir)
+        forward, a, z_dim, bank_model = (lambda z, i: g(z, i)), g.num_generators, g.z_dim, None
+    else:
+        g = load_generator(model, run_dir)
+        forward, a, z_dim, bank_model = (lambda z, i: g(z, manifold=i)), g.num_biases, g.model.z_dim, g
+    z = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+    imgs = torch.stack([forward(z, torch.full((n,), i, dtype=torch.long)) for i in range(a)]).flatten(2)
+    between = torch.stack([(imgs[i] - imgs[j]).norm(dim=1).mean() for i in range(a) for j in range(i + 1, a)]).mean()
+    within = (imgs - imgs.roll(1, dims=1)).norm(dim=2).mean()
+    out: dict[str, Any] = {"diversity": float(between / within)}
+    if bank_model is not None:
+        out["bias_spread"] = {p: float(m.bias_bank.detach().double().var(0).sum())
+                              for p, m in bank_model.multi_bias_layers().items()}
+    return out
+
+
 # ---------------------------------------------------------------------------------- report
 def _stats(values: list[float]) -> tuple[float, float | None, int]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
@@ -648,7 +682,8 @@ def summarize(rows: list[dict[str, Any]], models: Sequence[str]) -> list[dict[st
 
 
 def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], out: Path,
-                  assets: dict[str, str], command: str) -> str:
+                  assets: dict[str, str], command: str,
+                  structure: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """The generated markdown block: budget, Table 1 beside the paper, plots, commands."""
     n_seeds = sorted({r["seed"] for r in rows})
     per_model = {m: [r for r in rows if r["model"] == m] for m in models}
@@ -687,17 +722,30 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
                      f"{_fmt([r['dis_slant'] for r in rs])} | {pf['slant']} | "
                      f"{_fmt([r['dis_width'] for r in rs])} | {pf['width']} |")
     lines.append("")
-    spread = [(m, r) for m in models for r in per_model[m] if r["tangential_spread"]]
-    if spread:
-        lines += ["Final tangential spread tr cov(a_par) per converted layer (geometric mean over seeds):", "",
-                  "| model | " + " | ".join(sorted(spread[0][1]["tangential_spread"])) + " |",
-                  "|---|" + "---|" * len(spread[0][1]["tangential_spread"])]
+    structure = structure or {}
+
+    def gmean(values: list[float]) -> float:
+        return math.exp(statistics.fmean(math.log(max(v, 1e-300)) for v in values))
+
+    if any(r["tangential_spread"] for r in rows) or structure:
+        lines += ["Bias banks and manifolds at the end of training (geometric mean over seeds for the spreads, "
+                  "mean ± std for the diversity). Tangential spread tr cov(a_par) is what R_BA drives down; the "
+                  "total spread tr cov(a) includes the normal parts that make the manifolds differ; diversity = "
+                  "pixel distance between two manifolds' images of the same z over the distance between two "
+                  "codes on one manifold (0: all manifolds draw the same image).", "",
+                  "| model | tangential spread per layer | total bias spread per layer | manifold diversity |",
+                  "|---|---|---|---|"]
         for m in models:
             rs = [r for r in per_model[m] if r["tangential_spread"]]
-            if rs:
-                cells = [f"{math.exp(statistics.fmean(math.log(max(r['tangential_spread'][k], 1e-300)) for r in rs)):.3g}"
-                         for k in sorted(rs[0]["tangential_spread"])]
-                lines.append(f"| {MODELS[m][1]} | " + " | ".join(cells) + " |")
+            st = structure.get(m, [])
+            if not rs and not st:
+                continue
+            tang = ", ".join(f"{k}: {gmean([r['tangential_spread'][k] for r in rs]):.3g}"
+                             for k in sorted(rs[0]["tangential_spread"])) if rs else "—"
+            banks = [x["bias_spread"] for x in st if "bias_spread" in x]
+            total = ", ".join(f"{k}: {gmean([x[k] for x in banks]):.3g}" for k in sorted(banks[0])) if banks else "—"
+            div = _fmt([x["diversity"] for x in st], 3) if st else "—"
+            lines.append(f"| {MODELS[m][1]} | {tang} | {total} | {div} |")
         lines.append("")
     for key, alt in (("spread_gan", "tangential spread, Q-WGAN vs λ=0"),
                      ("spread_vae", "tangential spread, Q-β-VAE vs λ=0")):
@@ -781,9 +829,16 @@ def report(b: Budget, models: Sequence[str], out: Path, data_dir: str | None, do
             dest = assets_dir / f"samples_{m}_{tag}.png"
             shutil.copyfile(grids_png[-1], dest)
             assets[f"samples_{m}"] = rel(dest)
+    structure: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        st = manifold_structure(r["model"], out / f"{r['model']}_s{r['seed']}")
+        if st is not None:
+            structure.setdefault(r["model"], []).append(st)
+    atomic_write_text(json.dumps(structure, indent=1) + "\n", assets_dir / f"manifold_structure_{tag}.json")
     text = doc.read_text() if doc.is_file() else "# Results\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(replace_block(text, tag, render_tables(rows, b, models, out, assets, command)), doc)
+    atomic_write_text(replace_block(text, tag, render_tables(rows, b, models, out, assets, command, structure)),
+                      doc)
     return doc
 
 
