@@ -457,7 +457,7 @@ def run_study(b: Budget, models: Sequence[str], out: Path, data_dir: str | None,
 
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    command = "python benchmarks/reproduce_table1.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/reproduce_table1.py", *sys.argv[1:]])
     atomic_write_text(json.dumps({**asdict(b), "models": list(models), "data_dir": data_dir, "command": command},
                                  indent=1) + "\n", out / "study.json")
     order = [(seed, m) for seed in range(b.seeds) for m in sorted(models, key=PRIORITY.index)]
