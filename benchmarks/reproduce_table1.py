@@ -912,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if args.report or args.report_only:
         study = args.out / "study.json"
-        cmd = json.loads(study.read_text())["command"] if study.is_file() else "?"
+        cmd = json.loads(study.read_text())["command"].strip() if study.is_file() else "?"
         doc = report(b, args.model_list, args.out, args.data_dir, Path(args.doc), Path(args.assets), cmd,
                      grids=not args.no_grids)
         print(f"report: {doc}", flush=True)
