@@ -160,6 +160,8 @@ class QuotientModel(nn.Module):
         self.last_manifold: Tensor | None = None
         layers = self.multi_bias_layers()
         self._out_features = {p: m.out_features for p, m in layers.items()}
+        # the layers a forward hands its ManifoldSelection to (no module walk per call)
+        self._layers: tuple[MultiBiasLinear, ...] = tuple(layers.values())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -215,7 +217,7 @@ class QuotientModel(nn.Module):
         if biases is not None:
             self._check_biases(biases, manifold)
         selection = ManifoldSelection(self.num_biases, manifold=manifold, biases=biases)
-        layers = self.multi_bias_layers().values()
+        layers = self._layers
         for m in layers:
             m.selection = selection
         try:
