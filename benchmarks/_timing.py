@@ -4,6 +4,7 @@ their median and inter-quartile range."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -39,22 +40,29 @@ def _quartiles(values: list[float]) -> dict[str, float]:
 
 
 def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | None = None,
-                warmup: int = 2, budget_s: float = 3.0, min_rounds: int = 5, max_rounds: int = 25
-                ) -> Timing:
+                warmup: int = 2, budget_s: float = 3.0, min_rounds: int = 5, max_rounds: int = 25,
+                min_sample_s: float = 0.0) -> Timing:
     """Time ``variants`` round-robin.
 
     After ``warmup`` untimed rounds, the number of rounds is ``rounds`` if given, else as many as
     fit ``budget_s`` (estimated from the warm-up), clamped to ``[min_rounds, max_rounds]``.
+
+    ``min_sample_s``: a sample is the mean of ``n`` back-to-back calls, ``n`` chosen per variant
+    from the warm-up so that a sample lasts at least this long. Sub-millisecond calls timed one
+    at a time mostly measure the scheduler of a shared machine; averaging a few milliseconds of
+    calls per sample keeps the per-round pairing (the ratio) while removing that jitter.
     """
     if not variants:
         raise ValueError("interleaved: no variants to time")
-    per_round = 0.0
+    single = {k: 0.0 for k in variants}
     for _ in range(max(warmup, 1)):
-        t0 = time.perf_counter()
-        for fn in variants.values():
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
             fn()
-        per_round = time.perf_counter() - t0
+            single[name] = time.perf_counter() - t0
+    inner = {k: max(1, math.ceil(min_sample_s / max(t, 1e-9))) for k, t in single.items()}
     if rounds is None:
+        per_round = sum(inner[k] * single[k] for k in variants)
         rounds = int(budget_s / max(per_round, 1e-9))
         rounds = max(min_rounds, min(max_rounds, rounds))
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -63,9 +71,11 @@ def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | N
         items = list(variants.items())
         items = items[r % len(items):] + items[:r % len(items)]
         for name, fn in items:
+            n = inner[name]
             t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
     return Timing(samples)
 
 

@@ -46,6 +46,7 @@ from qmm_plugin.layer import ManifoldSelection  # noqa: E402
 
 PAPER_SHAPES = [(8, 1024), (1024, 6272), (10, 256), (256, 8192)]
 LOOP_MAX_PARAMS = 2e8  # skip the A-generator loop beyond this many weights (A*in*out; memory)
+MIN_SAMPLE_S = 0.02  # a layer sample averages back-to-back calls lasting at least this long
 
 
 def balanced_index(batch: int, num: int, gen: torch.Generator) -> Tensor:
@@ -60,38 +61,50 @@ def balanced_index(batch: int, num: int, gen: torch.Generator) -> Tensor:
 # ------------------------------------------------------------------------------------- layer
 def layer_variants(fan_in: int, fan_out: int, batch: int, num: int, gen: torch.Generator
                    ) -> dict[str, Callable[[], None]]:
+    """One forward+backward closure per variant. Each closure first sets its parameters' ``.grad``
+    to ``None``, as ``optimizer.zero_grad()`` does in a training loop, so backward writes fresh
+    gradients instead of accumulating into old ones (same for every variant)."""
     x = torch.randn(batch, fan_in, generator=gen, requires_grad=True)
     grad = torch.randn(batch, fan_out, generator=gen)
     idx = balanced_index(batch, num, gen)
     linear = nn.Linear(fan_in, fan_out)
     mbl = qmm_plugin.MultiBiasLinear(fan_in, fan_out, num)
     w, bank = mbl.weight, mbl.bias_bank
-
-    def run_linear() -> None:
-        linear(x).backward(grad)
-
     # as inside a QuotientModel call: one selection per model call, shared by all its layers
     mbl.selection = ManifoldSelection(num, manifold=idx)
+    loop = (nn.ModuleList(nn.Linear(fan_in, fan_out) for _ in range(num))
+            if num * fan_in * fan_out <= LOOP_MAX_PARAMS else None)
+    groups = [(idx == g).nonzero(as_tuple=True)[0] for g in range(num)]
+
+    def fresh(*params: Tensor) -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    def run_linear() -> None:
+        fresh(linear.weight, linear.bias)
+        linear(x).backward(grad)
 
     def run_op() -> None:
+        fresh(w, bank)
         mbl(x).backward(grad)
 
     def run_gather() -> None:
+        fresh(w, bank)
         (F.linear(x, w) + bank[idx]).backward(grad)
+
+    def run_loop() -> None:
+        assert loop is not None
+        fresh(*loop.parameters())
+        y = x.new_empty(batch, fan_out)
+        for g, rows in enumerate(groups):
+            if rows.numel():
+                y = y.index_copy(0, rows, loop[g](x[rows]))
+        y.backward(grad)
 
     out: dict[str, Callable[[], None]] = {"nn.Linear": run_linear, "MultiBiasLinear": run_op,
                                           "F.linear+bank[idx]": run_gather}
-    if num * fan_in * fan_out <= LOOP_MAX_PARAMS:
-        loop = nn.ModuleList(nn.Linear(fan_in, fan_out) for _ in range(num))
-        groups = [(idx == g).nonzero(as_tuple=True)[0] for g in range(num)]
-
-        def run_loop() -> None:
-            y = x.new_empty(batch, fan_out)
-            for g, rows in enumerate(groups):
-                if rows.numel():
-                    y = y.index_copy(0, rows, loop[g](x[rows]))
-            y.backward(grad)
-
+    if loop is not None:
         out["A-generator loop"] = run_loop
     return out
 
@@ -103,7 +116,7 @@ def bench_layer(shapes: list[tuple[int, int]], batches: list[int], nums: list[in
     total = len(shapes) * len(batches) * len(nums)
     for k, ((fi, fo), b, a) in enumerate((s, b, a) for s in shapes for b in batches for a in nums):
         variants = layer_variants(fi, fo, b, a, gen)
-        t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds)
+        t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds, min_sample_s=MIN_SAMPLE_S)
         row: dict[str, Any] = {"in": fi, "out": fo, "B": b, "A": a,
                                "ms": {n: t.summary(n) for n in variants},
                                "ratio_vs_linear": {n: t.ratio(n, "nn.Linear") for n in variants}}

@@ -43,15 +43,16 @@ class ManifoldSelection:
     biases: dict[str, Tensor] | None = None
     index: Tensor | None = field(default=None)
 
-    def resolve_index(self, batch: int, device: torch.device, path: str) -> Tensor:
-        """The ``(B,)`` manifold index for a layer at ``path`` seeing a batch of ``batch`` on ``device``."""
+    def resolve_index(self, x: Tensor, path: str) -> Tensor:
+        """The ``(B,)`` manifold index for the layer at ``path`` whose input is ``x`` (``B = x.shape[0]``)."""
         index = self.index
+        batch = x.shape[0]
         first = index is None
         if index is None:
             if self.manifold is None:
-                index = torch.randint(0, self.num_biases, (batch,), device=device)
+                index = torch.randint(0, self.num_biases, (batch,), device=x.device)
             elif isinstance(self.manifold, int):
-                index = torch.full((batch,), self.manifold, dtype=torch.long, device=device)
+                index = torch.full((batch,), self.manifold, dtype=torch.long, device=x.device)
             else:
                 index = self.manifold
             self.index = index
@@ -60,10 +61,12 @@ class ManifoldSelection:
                 f"layer '{path}' got a batch of {batch} samples but the manifold index has "
                 f"{index.shape[0]} entries; pass manifold= with one entry per sample (shape ({batch},)) "
                 f"or an int for the whole batch")
-        if index.device != device:
+        # .is_cpu first (~0.07 us) instead of building two torch.device objects (~1.6 us) on every
+        # layer call; the full comparison only runs off the CPU
+        if index.is_cpu != x.is_cpu or (not x.is_cpu and index.device != x.device):
             raise ValueError(
                 f"layer '{path}': the manifold index is on {index.device} but the input is on "
-                f"{device}; move the index with .to({str(device)!r})")
+                f"{x.device}; move the index with .to({str(x.device)!r})")
         if first and isinstance(self.manifold, Tensor) and batch > 0 and not torch.compiler.is_compiling():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= self.num_biases:
@@ -152,7 +155,7 @@ class MultiBiasLinear(nn.Module):
                 "the QuotientModel returned by qmm_plugin.convert, or pass manifold= / bias=")
         if sel.biases is not None and self.path in sel.biases:
             return self._explicit(x, sel.biases[self.path])
-        index = sel.resolve_index(x.shape[0], x.device, self.path)
+        index = sel.resolve_index(x, self.path)
         return bank_linear(x, self.weight, self.bias_bank, index)
 
     def _explicit(self, x: Tensor, bias: Tensor) -> Tensor:
