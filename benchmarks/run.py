@@ -351,6 +351,10 @@ def targets(res: dict[str, Any]) -> list[str]:
                    "the WGAN step. The critic's cost is independent of QMM (QMM only touches the "
                    "generator); to cut it, run fewer critic iterations per generator step, compile the "
                    "critic (`torch.compile`), or train on a GPU.")
+    if not res["machine"].get("cuda_available"):
+        out.append("- CUDA (Triton kernel ≤ 1.05× plain `F.linear`): not measured by this run — the machine "
+                   "has no GPU. The kernel's correctness is tested on the CPU under `TRITON_INTERPRET=1` "
+                   "(`tests/test_triton.py`); timing it needs `python benchmarks/cuda_check.py` on a GPU.")
     out.append("")
     return out
 
