@@ -34,8 +34,9 @@ smoke      the examples' ``--smoke`` (tests; seconds)
 Measured on this 2-core machine with one thread per run: a Q-WGAN step (B = 32) ≈ 0.6-0.9 s,
 a Q-β-VAE step ≈ 11-13 s, a β-VAE step ≈ 3 s — the ten EM iterations over A = 10 decoders make
 the VAEs the bottleneck, hence their few steps. Two runs go at a time (``--jobs 2``, one thread
-each; each then runs about half as fast, so the gain over one job is small). Full: about four to
-five hours; quick: about 25 minutes.
+each; each then runs about half as fast, so the gain over one job is small). Full: the 21 runs sum to
+about 4.4 h of run time, a little over 2 h elapsed two at a time (14 of them took 81 minutes in
+one session); quick: about 20 minutes.
 
 Disentanglement sizes: quick 6 digits × 7 strengths, 50 fit steps; full 10 digits × 11
 strengths, 100 fit steps (the paper: 500 × 11). ``--gan-steps/--vae-steps/--seeds`` override.
@@ -47,7 +48,7 @@ finished is only evaluated.
 
 Usage::
 
-    python benchmarks/reproduce_table1.py --quick                 # ~25 min on 2 cores
+    python benchmarks/reproduce_table1.py --quick                 # ~20 min on 2 cores
     python benchmarks/reproduce_table1.py                         # full (hours), resumable
     python benchmarks/reproduce_table1.py --quick --report        # (re)write docs/RESULTS.md blocks
     python benchmarks/reproduce_table1.py --smoke --data-dir embedded --out /tmp/s   # seconds
@@ -847,7 +848,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the quick preset (about 10-15 minutes on 2 cores)")
+    g.add_argument("--quick", action="store_true", help="the quick preset (about 20 minutes on 2 cores)")
     g.add_argument("--smoke", action="store_true", help="a few steps per run (tests; seconds per run)")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
