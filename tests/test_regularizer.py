@@ -78,7 +78,7 @@ def test_ba_regularizer_matches_float64_reference() -> None:
     np.testing.assert_allclose(float(q.ba_regularizer().detach()), expected, rtol=1e-10)
     terms = q.ba_regularizer_terms()
     assert set(terms) == {"0", "2"}
-    np.testing.assert_allclose(sum(float(t) for t in terms.values()), expected, rtol=1e-10)
+    np.testing.assert_allclose(sum(float(t.detach()) for t in terms.values()), expected, rtol=1e-10)
 
 
 def test_ba_regularizer_gradient_reduces_spread() -> None:
