@@ -26,7 +26,7 @@ and reported; a Q-β-VAE step costs about A times a β-VAE step, so equal data i
 =========  ===============================================  =====================================
 preset     GANs (one critic + one generator update / step)  VAEs (10 EM iterations per step)
 =========  ===============================================  =====================================
-quick      2 seeds, 200 steps × 32, FID on 2,000 samples     2 seeds, 10 steps × 32
+quick      2 seeds, 100 steps × 32, FID on 2,000 samples     2 seeds, 5 steps × 32 
 full       3 seeds, 1,000 steps × 64, FID on 10,000          3 seeds, 30 steps × 64
 smoke      the examples' ``--smoke`` (tests; seconds)
 =========  ===============================================  =====================================
@@ -36,7 +36,7 @@ a Q-β-VAE step ≈ 11-13 s, a β-VAE step ≈ 3 s — the ten EM iterations ove
 the VAEs the bottleneck, hence their few steps. Two runs go at a time (``--jobs 2``, one thread
 each; each then runs about half as fast, so the gain over one job is small). Full: the 21 runs sum to
 about 4.4 h of run time, a little over 2 h elapsed two at a time (14 of them took 81 minutes in
-one session); quick: about 20 minutes.
+one session); quick: about 10 minutes (10 min 15 s, report included, on the idle machine).
 
 Disentanglement sizes: quick 6 digits × 7 strengths, 50 fit steps; full 10 digits × 11
 strengths, 100 fit steps (the paper: 500 × 11). ``--gan-steps/--vae-steps/--seeds`` override.
@@ -48,7 +48,7 @@ finished is only evaluated.
 
 Usage::
 
-    python benchmarks/reproduce_table1.py --quick                 # ~20 min on 2 cores
+    python benchmarks/reproduce_table1.py --quick                 # ~10 min on 2 cores
     python benchmarks/reproduce_table1.py                         # full (hours), resumable
     python benchmarks/reproduce_table1.py --quick --report        # (re)write docs/RESULTS.md blocks
     python benchmarks/reproduce_table1.py --smoke --data-dir embedded --out /tmp/s   # seconds
@@ -143,7 +143,7 @@ class Budget:
 PRESETS: dict[str, Budget] = {
     "full": Budget("full", seeds=3, gan_steps=1000, vae_steps=30, batch_size=64, fid_samples=10000,
                    dis_images=10, dis_strengths=11, inversion_steps=100, grid_inversion_steps=500, curve_points=20),
-    "quick": Budget("quick", seeds=2, gan_steps=200, vae_steps=10, batch_size=32, fid_samples=2000,
+    "quick": Budget("quick", seeds=2, gan_steps=100, vae_steps=5, batch_size=32, fid_samples=2000,
                     dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300, curve_points=5),
     "smoke": Budget("smoke", seeds=1, gan_steps=4, vae_steps=2, batch_size=20, fid_samples=200,
                     dis_images=2, dis_strengths=3, inversion_steps=3, grid_inversion_steps=3, curve_points=1,
@@ -848,7 +848,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the quick preset (about 20 minutes on 2 cores)")
+    g.add_argument("--quick", action="store_true", help="the quick preset (about 10 minutes on 2 cores)")
     g.add_argument("--smoke", action="store_true", help="a few steps per run (tests; seconds per run)")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
