@@ -74,7 +74,7 @@ def layer_variants(fan_in: int, fan_out: int, batch: int, num: int, gen: torch.G
     mbl.selection = ManifoldSelection(num, manifold=idx)
     loop = (nn.ModuleList(nn.Linear(fan_in, fan_out) for _ in range(num))
             if num * fan_in * fan_out <= LOOP_MAX_PARAMS else None)
-    groups = [(idx == g).nonzero(as_tuple=True)[0] for g in range(num)]
+    groups = [(idx == g).nonzero(as_tuple=True)[0] for g in range(num)] if loop is not None else []
 
     def fresh(*params: Tensor) -> None:
         x.grad = None
@@ -389,10 +389,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["command"] = res["command"].strip()
     t0 = time.time()
     if args.tiny:
-        cfg = dict(shapes=[(8, 16)], batches=[4], nums=[1, 2], budget=0.05, rounds=3, gan_b=4, gan_a=2)
+        cfg = dict(shapes=[(8, 16)], batches=[4], nums=[1, 2], budget=0.05, rounds=3, gan_b=4, gan_a=2,
+                   step_budget=0.2)
     elif args.quick:
         cfg = dict(shapes=PAPER_SHAPES, batches=[64], nums=[1, 10, 100], budget=2.0, rounds=15,
-                   gan_b=64, gan_a=10)
+                   gan_b=64, gan_a=10, step_budget=8.0)
     else:
         # GAN/VAE steps are timed one call per sample: 40 s buys ~20 rounds, enough to resolve 3%
         cfg = dict(shapes=PAPER_SHAPES, batches=[64, 256, 1024], nums=[1, 4, 10, 20, 100], budget=2.5,
@@ -400,10 +401,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "layer" in sections:
         res["layer"] = bench_layer(cfg["shapes"], cfg["batches"], cfg["nums"], cfg["budget"], cfg["rounds"])
     if "gan" in sections:
-        res["gan"] = bench_gan(cfg["gan_b"], cfg["gan_a"], cfg.get("step_budget", 4 * cfg["budget"]), cfg["rounds"],
-                               args.tiny)
+        res["gan"] = bench_gan(cfg["gan_b"], cfg["gan_a"], cfg["step_budget"], cfg["rounds"], args.tiny)
     if "vae" in sections:
-        res["vae"] = bench_vae(cfg["gan_b"], cfg["gan_a"], cfg.get("step_budget", 4 * cfg["budget"]), cfg["rounds"])
+        res["vae"] = bench_vae(cfg["gan_b"], cfg["gan_a"], cfg["step_budget"], cfg["rounds"])
     res["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["wall_s"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)

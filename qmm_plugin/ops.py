@@ -53,11 +53,16 @@ __all__ = ["multi_bias_linear", "sample_bias_linear", "segment_sum", "bank_linea
 NARROW_FAN_IN = 16
 
 
+def _narrow(weight: Tensor) -> bool:
+    """Whether ``weight`` (``(out, in)``) gets the narrow-layer layout (:data:`NARROW_FAN_IN`)."""
+    return weight.shape[1] <= NARROW_FAN_IN
+
+
 def _weight_operand(weight: Tensor) -> Tensor:
     """``weight.T`` as the matmul's second operand: contiguous for narrow layers (see
     :data:`NARROW_FAN_IN`; a copy of ``in * out <= 16 * out`` numbers), else the free view."""
     wt = weight.t()
-    return wt.contiguous() if weight.shape[1] <= NARROW_FAN_IN else wt
+    return wt.contiguous() if _narrow(weight) else wt
 
 
 def _affine_rows(x: Tensor, weight: Tensor, bias_rows: Tensor, owned: bool = False) -> Tensor:
@@ -87,8 +92,7 @@ def _linear_input_grads(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, n
     grad_x = torch.mm(g2, weight).view(x.shape) if need_x else None
     grad_w = None
     if need_w:
-        narrow = weight.shape[1] <= NARROW_FAN_IN
-        grad_w = torch.mm(x2.t(), g2).t().contiguous() if narrow else torch.mm(g2.t(), x2)
+        grad_w = torch.mm(x2.t(), g2).t().contiguous() if _narrow(weight) else torch.mm(g2.t(), x2)
     return grad_x, grad_w
 
 
