@@ -31,12 +31,26 @@ class Timing:
         return _quartiles([a / b for a, b in zip(self.samples[name], self.samples[baseline])])
 
 
+def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free ~95% confidence interval of the median: the order statistics of rank
+    ``n/2 -+ z*sqrt(n)/2`` (normal approximation to the binomial count of values below the
+    median). The quartiles describe the spread of single rounds; this interval is how well the
+    median itself is known, and it narrows as ``1/sqrt(n)`` with more rounds."""
+    v = sorted(values)
+    n = len(v)
+    half = z * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half) - 1)  # 1-based rank floor(n/2 - half), as a 0-based index
+    hi = min(n - 1, math.ceil(n / 2 + half))  # 1-based rank ceil(n/2 + half) + 1
+    return v[lo], v[hi]
+
+
 def _quartiles(values: list[float]) -> dict[str, float]:
     if len(values) < 2:
         v = values[0]
-        return {"median": v, "q1": v, "q3": v, "n": len(values)}
+        return {"median": v, "q1": v, "q3": v, "ci_lo": v, "ci_hi": v, "n": len(values)}
     q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return {"median": med, "q1": q1, "q3": q3, "n": len(values)}
+    lo, hi = median_ci(values)
+    return {"median": med, "q1": q1, "q3": q3, "ci_lo": lo, "ci_hi": hi, "n": len(values)}
 
 
 def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | None = None,

@@ -151,6 +151,20 @@ class QuotientModel(nn.Module):
     * ``manifold=i`` (int) or a ``(B,)`` integer tensor: the manifold of each sample.
     * ``biases={path: tensor}``: explicit bias vectors per layer, ``(B, out)`` or ``(out,)``
       (inversion and derived manifolds, Eq. 3). Layers not in the dict need ``manifold=``.
+    * ``return_regularizer=True``: return ``(output, R_BA)``, with R_BA (Eq. 2, default ``eps``)
+      computed inside the same op calls as the forward
+      (:func:`~qmm_plugin.ops.multi_bias_linear_spread`). Same value as
+      :meth:`ba_regularizer`, but its backward shares the layers' weight-gradient buffers, which
+      makes a regularized generator step cheaper (``benchmarks/run.py``). Its gradient flows
+      through this forward's graph: backpropagate it together with the loss on ``output``.
+
+    Example::
+
+        >>> import torch, qmm_plugin
+        >>> q = qmm_plugin.convert(torch.nn.Sequential(torch.nn.Linear(4, 6)), num_biases=3)
+        >>> x, r_ba = q(torch.randn(5, 4), return_regularizer=True)
+        >>> torch.allclose(r_ba, q.ba_regularizer())
+        True
     """
 
     def __init__(self, model: nn.Module, num_biases: int) -> None:
@@ -212,11 +226,14 @@ class QuotientModel(nn.Module):
                 raise ValueError(f"biases['{path}'] must have shape ({out},) or (B, {out}), got {shape}")
 
     def forward(self, *args: Any, manifold: Manifold | None = None, biases: dict[str, Tensor] | None = None,
-                **kwargs: Any) -> Any:
+                return_regularizer: bool = False, **kwargs: Any) -> Any:
         self._check_manifold(manifold)
         if biases is not None:
             self._check_biases(biases, manifold)
-        selection = ManifoldSelection(self.num_biases, manifold=manifold, biases=biases)
+        if not isinstance(return_regularizer, bool):
+            raise TypeError(f"return_regularizer must be True or False, got {return_regularizer!r}")
+        selection = ManifoldSelection(self.num_biases, manifold=manifold, biases=biases,
+                                      spreads={} if return_regularizer else None)
         layers = self._layers
         for m in layers:
             m.selection = selection
@@ -226,6 +243,8 @@ class QuotientModel(nn.Module):
             for m in layers:
                 m.selection = None
         self.last_manifold = selection.index
+        if return_regularizer:
+            return out, self._regularizer(DEFAULT_EPS, selection.spreads)
         return out
 
     # ---------------------------------------------------------------------------- regularizer
@@ -236,9 +255,15 @@ class QuotientModel(nn.Module):
     def ba_regularizer(self, eps: float = DEFAULT_EPS) -> Tensor:
         r"""The bias-aligning regularizer, Eq. 2: :math:`R_{BA} = \sum_l \log \operatorname{tr}
         \operatorname{cov}_i(W_l^\top a_l^{(i)})` (with ``eps`` inside the log; see
-        :mod:`qmm_plugin.regularizer`). Add ``lambda * q.ba_regularizer()`` to the generator loss.
+        :mod:`qmm_plugin.regularizer`). Add ``lambda * q.ba_regularizer()`` to the generator loss,
+        or take it from the forward, ``out, r_ba = q(z, return_regularizer=True)`` (same value,
+        cheaper backward).
         """
-        return torch.stack(list(self.ba_regularizer_terms(eps).values())).sum()
+        return self._regularizer(eps, None)
+
+    def _regularizer(self, eps: float, spreads: dict[str, Tensor] | None) -> Tensor:
+        """Eq. 2 summed over layers; ``spreads``: those a forward already computed (fused op)."""
+        return torch.stack(list(ba_regularizer_terms(self.multi_bias_layers(), eps, spreads).values())).sum()
 
     def tangential_spread(self) -> dict[str, float]:
         """Exact per-layer ``tr cov(a_par)`` in float64 (the quantity Theorem 1 bounds)."""

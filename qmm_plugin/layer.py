@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .ops import bank_linear, rows_linear
+from .ops import bank_linear, bank_linear_spread, rows_linear
 
 __all__ = ["MultiBiasLinear", "ManifoldSelection", "Manifold"]
 
@@ -35,13 +35,16 @@ class ManifoldSelection:
     ``manifold``: ``None`` (sample ``i ~ Uniform{0..A-1}`` per sample, drawn once per call and
     shared by every layer), an ``int`` or a ``(B,)`` integer tensor. ``biases``: explicit bias
     rows per layer path. ``index`` is the resolved ``(B,)`` index, filled by the first layer that
-    runs (the batch size is only known there).
+    runs (the batch size is only known there). ``spreads``: when a dict (the call asked for the
+    regularizer), each bank layer's first call stores its bias spread (Eq. 2) there by path,
+    computed with its output (:func:`~qmm_plugin.ops.bank_linear_spread`).
     """
 
     num_biases: int
     manifold: Manifold | None = None
     biases: dict[str, Tensor] | None = None
     index: Tensor | None = field(default=None)
+    spreads: dict[str, Tensor] | None = None
 
     def resolve_index(self, x: Tensor, path: str) -> Tensor:
         """The ``(B,)`` manifold index for the layer at ``path`` whose input is ``x`` (``B = x.shape[0]``)."""
@@ -156,6 +159,9 @@ class MultiBiasLinear(nn.Module):
         if sel.biases is not None and self.path in sel.biases:
             return self._explicit(x, sel.biases[self.path])
         index = sel.resolve_index(x, self.path)
+        if sel.spreads is not None and self.path not in sel.spreads:
+            y, sel.spreads[self.path] = bank_linear_spread(x, self.weight, self.bias_bank, index)
+            return y
         return bank_linear(x, self.weight, self.bias_bank, index)
 
     def _explicit(self, x: Tensor, bias: Tensor) -> Tensor:

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["multi_bias_linear", "sample_bias_linear", "segment_sum", "bank_linear", "rows_linear"]
+__all__ = ["multi_bias_linear", "multi_bias_linear_spread", "sample_bias_linear", "segment_sum", "bank_linear",
+           "bank_linear_spread", "rows_linear"]
 
 
 #: Input widths up to this use the transposed weight as a contiguous ``(in, out)`` matrix. The
@@ -166,6 +167,103 @@ def _mbl_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 multi_bias_linear.register_autograd(_mbl_backward, setup_context=_mbl_setup)
 
 
+# ------------------------------------------------ bank + index, with the layer's bias spread
+def _few_rows_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for an ``a`` with few rows (the A centred bank rows) and a tall ``b`` (``(K, N)``).
+
+    On the CPU the BLAS runs a matmul with ~10 rows on one thread; splitting the reduction over K
+    into one bmm batch entry per thread keeps every core busy (10 x 6272 @ 6272 x 1024 on this
+    2-core machine: about 6 ms as one mm, 2.5-3 ms as a 2-way bmm; ``benchmarks/run.py`` measures
+    the step it belongs to). Elsewhere, or when K does not split evenly, it is the plain product.
+    """
+    k = torch.get_num_threads()
+    rows, depth = a.shape
+    if not a.is_cpu or k < 2 or depth % k or torch.compiler.is_compiling():
+        return a @ b
+    return torch.bmm(a.view(rows, k, depth // k).transpose(0, 1), b.view(k, depth // k, -1)).sum(0)
+
+
+@torch.library.custom_op("qmm::multi_bias_linear_spread", mutates_args=())
+def _spread_op(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, spread, P, P W^T)``; the last two are kept for the backward (not differentiable)."""
+    _check_shapes(x, weight, index.shape[0], "index")
+    proj = _few_rows_mm(bank - bank.mean(0, keepdim=True), weight)  # (A, in): rows W^T (a_i - a_bar)
+    batch, rows = x.shape[0], x.numel() // max(x.shape[-1], 1)
+    acc = bank.new_empty((rows + proj.shape[0], weight.shape[0]))
+    if x.dim() == 2:
+        torch.index_select(bank, 0, index, out=acc[:batch])
+    else:  # middle dims: every row of a sample gets its bias
+        acc[:rows].view(batch, -1, weight.shape[0]).copy_(bank.index_select(0, index).unsqueeze(1))
+    acc[rows:].zero_()
+    # one matmul over the stacked rows [x; P]: the layer's output and P W^T for the backward
+    acc.addmm_(torch.cat([x.reshape(rows, -1), proj]), _weight_operand(weight))
+    y = acc[:rows].view(*x.shape[:-1], weight.shape[0])
+    # outputs of a custom op may not alias each other: the A rows of P W^T are copied out
+    return y, proj.pow(2).sum() / max(bank.shape[0] - 1, 1), proj, acc[rows:].clone()
+
+
+@_spread_op.register_fake
+def _(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty(()),
+            x.new_empty((bank.shape[0], weight.shape[1])), x.new_empty((bank.shape[0], weight.shape[0])))
+
+
+def _spread_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bank, index = inputs
+    _, _, proj, proj_wt = output
+    ctx.mark_non_differentiable(proj, proj_wt)
+    ctx.save_for_backward(x, weight, bank, index, proj, proj_wt)
+
+
+def _spread_backward(ctx: Any, grad: Tensor, grad_spread: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, bank, index, proj, proj_wt = ctx.saved_tensors
+    need_x, need_w, need_bank, _ = ctx.needs_input_grad
+    grad_x, grad_w = _linear_input_grads(grad, x, weight, need_x, need_w)
+    scale = grad_spread * (2.0 / max(bank.shape[0] - 1, 1))
+    if need_w:  # d spread / dW = 2 C^T P / (A-1): a rank-A update of the layer's weight gradient
+        grad_w.addmm_((bank - bank.mean(0, keepdim=True)).t(), proj * scale)
+    grad_bank = None
+    if need_bank:  # d spread / dC = 2 P W^T / (A-1), centred (centring is a symmetric projection)
+        through = proj_wt * scale
+        grad_bank = segment_sum(_per_sample(grad), index, bank.shape[0])
+        grad_bank += through - through.mean(0, keepdim=True)
+    return grad_x, grad_w, grad_bank, None
+
+
+_spread_op.register_autograd(_spread_backward, setup_context=_spread_setup)
+
+
+def multi_bias_linear_spread(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    r""":func:`multi_bias_linear` and the layer's bias spread (Eq. 2) in one autograd node.
+
+    Returns ``(y, spread)``: ``y`` as :func:`multi_bias_linear`, and the 0-dim
+    :math:`\operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)}) = \lVert C W\rVert^2 / (A-1)`
+    with :math:`C` the centred bank (rows :math:`a^{(i)} - \bar a`; 0 for ``A = 1``), the
+    quantity whose log the bias-aligning regularizer sums
+    (:func:`qmm_plugin.regularizer.bias_spread`; the same value).
+
+    Why one node: with :math:`P = C W`, the spread's gradients are :math:`2 C^\top P / (A-1)`
+    for :math:`W` and :math:`2 P W^\top / (A-1)` for :math:`C`. The forward gets
+    :math:`P W^\top` from the layer's own matmul (``[x; P] W^T``: A more rows, no second pass
+    over :math:`W`), and the backward adds the rank-A :math:`C^\top P` in place into the
+    layer's weight gradient, where a separate regularizer makes autograd allocate and add a
+    second full ``(out, in)`` gradient. The one extra pass over :math:`W` left is :math:`P = C W`
+    itself. A registered custom op (``qmm::multi_bias_linear_spread``: fake impl + autograd),
+    so it traces into ``torch.compile`` graphs. Used by ``q(..., return_regularizer=True)``.
+
+    Example::
+
+        >>> import torch
+        >>> from qmm_plugin.regularizer import bias_spread
+        >>> x, w, bank = torch.randn(4, 3), torch.randn(6, 3), torch.randn(2, 6)
+        >>> y, spread = multi_bias_linear_spread(x, w, bank, torch.tensor([0, 1, 1, 0]))
+        >>> torch.allclose(spread, bias_spread(w, bank))
+        True
+    """
+    y, spread, _, _ = _spread_op(x, weight, bank, index)
+    return y, spread
+
+
 # ------------------------------------------------------------------------ explicit per-sample rows
 @torch.library.custom_op("qmm::sample_bias_linear", mutates_args=())
 def sample_bias_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -218,6 +316,27 @@ def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tenso
         return multi_bias_linear(x, weight, bank, index)
     _check_shapes(x, weight, index.shape[0], "index")
     return _affine_rows(x, weight, bank.index_select(0, index), owned=True)
+
+
+#: Layers with fewer weights than this compute their spread in eager mode on the CPU as a
+#: separate small product (:func:`qmm_plugin.regularizer.bias_spread`) beside :func:`bank_linear`:
+#: the fused op's fixed cost (a dozen small tensor ops in Python) is then larger than the weight
+#: gradient it saves. ``benchmarks/run.py`` times both forms per layer of the MNIST generator
+#: ("R_BA per layer" in ``benchmarks/results/RESULTS.md``): at 8→1024 the separate form is
+#: cheaper, at 1024→6272 the fused one.
+FUSED_SPREAD_MIN_WEIGHTS = 1 << 18
+
+
+def bank_linear_spread(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """What :class:`~qmm_plugin.MultiBiasLinear` calls when the forward also returns R_BA:
+    :func:`multi_bias_linear_spread`'s result. Small layers in eager mode on the CPU (fewer than
+    :data:`FUSED_SPREAD_MIN_WEIGHTS` weights) take the separate form, the same value and
+    gradients at less fixed cost."""
+    if _eager_reference(x) and weight.numel() < FUSED_SPREAD_MIN_WEIGHTS:
+        from .regularizer import bias_spread  # the regularizer module imports the layer, which imports this
+
+        return bank_linear(x, weight, bank, index), bias_spread(weight, bank)
+    return multi_bias_linear_spread(x, weight, bank, index)
 
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

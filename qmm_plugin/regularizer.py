@@ -53,11 +53,19 @@ def bias_spread(weight: Tensor, bank: Tensor) -> Tensor:
     return projected.pow(2).sum() / max(bank.shape[0] - 1, 1)
 
 
-def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEFAULT_EPS) -> dict[str, Tensor]:
-    """Per-layer terms ``log(tr cov(W_l^T a_l) + eps)`` of Eq. 2, keyed by layer path."""
+def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEFAULT_EPS,
+                         spreads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Per-layer terms ``log(tr cov(W_l^T a_l) + eps)`` of Eq. 2, keyed by layer path.
+
+    ``spreads``: :func:`bias_spread` values some layers already computed in a forward
+    (:func:`~qmm_plugin.ops.multi_bias_linear_spread`, ``q(..., return_regularizer=True)``); the
+    other layers compute theirs here.
+    """
     if eps <= 0:
         raise ValueError(f"eps must be > 0 so that identical biases give a finite R_BA, got {eps}")
-    return {path: torch.log(bias_spread(m.weight, m.bias_bank) + eps) for path, m in layers.items()}
+    given = spreads or {}
+    return {path: torch.log((given[path] if path in given else bias_spread(m.weight, m.bias_bank)) + eps)
+            for path, m in layers.items()}
 
 
 def _column_space(w: Tensor, rtol: float | None) -> tuple[Tensor, Tensor | None]:

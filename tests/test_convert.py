@@ -363,3 +363,19 @@ def test_merge_rejects_tensor_manifold() -> None:
     with pytest.raises(TypeError, match="one int"):
         q.merge(manifold=torch.tensor([1]))
     assert isinstance(q, QuotientModel)
+
+
+def test_torch_compile_fullgraph_with_forward_regularizer() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = qmm_plugin.convert(view_in_sequential(), num_biases=5).eval()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    z, index = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    y, r_ba = compiled(z, manifold=index, return_regularizer=True)
+    torch.testing.assert_close(y, q(z, manifold=index))
+    torch.testing.assert_close(r_ba, q.ba_regularizer())
+    params = [p for p in q.parameters() if p.requires_grad]
+    got = torch.autograd.grad(y.square().mean() + r_ba, params)
+    ref = torch.autograd.grad(q(z, manifold=index).square().mean() + q.ba_regularizer(), params)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)

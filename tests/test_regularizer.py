@@ -155,3 +155,65 @@ def test_align_biases_keeps_normal_components() -> None:
     torch.testing.assert_close(normal(layer.bias_bank.detach()), before)
     with pytest.raises(ValueError, match="no MultiBiasLinear"):
         qmm_plugin.align_biases_(nn.Linear(2, 3))
+
+
+# ------------------------------------------------- R_BA taken from the forward (fused op)
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # a narrow layer (4 inputs) and a wide one; even widths take the threads-split products
+    return nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 10), nn.Tanh(), nn.Linear(10, 7)).double()
+
+
+def _grads(q: qmm_plugin.QuotientModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    names, params = zip(*[(n, p) for n, p in q.named_parameters() if p.requires_grad])
+    return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+@pytest.mark.parametrize("fused_from", [0, 1 << 30])  # every layer through the fused op / none
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_regularizer_equals_separate_value_and_gradients(threads: int, fused_from: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qmm_plugin.ops, "FUSED_SPREAD_MIN_WEIGHTS", fused_from)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q = qmm_plugin.convert(_mlp(), num_biases=4, init_std=0.5)
+        z, index = torch.randn(9, 4, dtype=torch.float64), torch.arange(9) % 4
+        out, r_ba = q(z, manifold=index, return_regularizer=True)
+        sep_out = q(z, manifold=index)
+        torch.testing.assert_close(out, sep_out, rtol=0, atol=0)
+        r_sep = q.ba_regularizer()
+        torch.testing.assert_close(r_ba, r_sep, rtol=1e-12, atol=1e-12)
+        target = torch.randn_like(out)
+        fused = _grads(q, ((out - target) ** 2).sum() + 0.7 * r_ba)
+        separate = _grads(q, ((sep_out - target) ** 2).sum() + 0.7 * r_sep)
+        assert fused.keys() == separate.keys()
+        for name in fused:
+            torch.testing.assert_close(fused[name], separate[name], rtol=1e-10, atol=1e-10, msg=name)
+        # the regularizer alone through the forward's graph (the output's gradient is absent)
+        reg_only = _grads(q, q(z, manifold=index, return_regularizer=True)[1])
+        for name, g in _grads(q, q.ba_regularizer()).items():
+            torch.testing.assert_close(reg_only[name], g, rtol=1e-10, atol=1e-10, msg=name)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_forward_regularizer_covers_layers_the_forward_did_not_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers given explicit biases, and a layer applied twice, still count exactly once."""
+    monkeypatch.setattr(qmm_plugin.ops, "FUSED_SPREAD_MIN_WEIGHTS", 0)
+    torch.manual_seed(1)
+    shared = nn.Linear(6, 6)
+    q = qmm_plugin.convert(nn.Sequential(nn.Linear(3, 6), shared, nn.Tanh(), shared), num_biases=3)
+    z = torch.randn(5, 3)
+    _, r_twice = q(z, return_regularizer=True)
+    torch.testing.assert_close(r_twice, q.ba_regularizer())
+    assert len(q.ba_regularizer_terms()) == 2
+    biases = {"0": torch.randn(6)}
+    _, r_explicit = q(z, manifold=1, biases=biases, return_regularizer=True)
+    torch.testing.assert_close(r_explicit, q.ba_regularizer())
+
+
+def test_forward_regularizer_rejects_non_bool() -> None:
+    q = qmm_plugin.convert(_mlp(), num_biases=2)
+    with pytest.raises(TypeError, match="return_regularizer must be True or False"):
+        q(torch.randn(2, 4, dtype=torch.float64), return_regularizer="yes")
