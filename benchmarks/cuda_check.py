@@ -2,7 +2,8 @@
 
 1. Correctness: the registered CUDA kernels of ``qmm::multi_bias_linear`` / ``sample_bias_linear``
    / ``segment_sum`` against the CPU reference (float64 on CPU vs float32 with IEEE matmuls on
-   GPU), forward and backward, 2-D and ``(B, ..., in)`` inputs.
+   GPU), forward and backward, 2-D and ``(B, ..., in)`` inputs; ``multi_bias_linear_spread``
+   (output, spread and their gradients) on CUDA against the same reference.
 2. ``torch.compile(fullgraph=True)`` of a converted MNIST generator on CUDA (inductor).
 3. Timing at the paper's shapes, forward and forward+backward, interleaved with medians/IQR:
    the Triton op vs the reference path on the GPU (cuBLAS ``addmm`` with a gathered bias) vs
@@ -29,7 +30,7 @@ from _timing import machine  # noqa: E402
 
 import qmm_plugin  # noqa: E402
 from qmm_plugin.io import atomic_write_text  # noqa: E402
-from qmm_plugin.ops import multi_bias_linear, sample_bias_linear  # noqa: E402
+from qmm_plugin.ops import multi_bias_linear, multi_bias_linear_spread, sample_bias_linear  # noqa: E402
 
 
 def _quart(v: list[float]) -> dict[str, float]:
@@ -53,13 +54,20 @@ def correctness() -> dict[str, float]:
         gy = torch.randn(*shape_x[:-1], fan_out, generator=g, dtype=torch.float64)
         outs = {}
         for dev, dt in (("cpu", torch.float64), ("cuda", torch.float32)):
-            leaves = [t.to(dev, dt).requires_grad_() for t in (x, w, bank)]
+            leaves = [t.detach().to(dev, dt).requires_grad_() for t in (x, w, bank)]
             y = multi_bias_linear(*leaves, idx.to(dev))
             y.backward(gy.to(dev, dt))
             rows = bank[idx].to(dev, dt)
             ys = sample_bias_linear(leaves[0].detach(), leaves[1].detach(), rows)
-            outs[dev] = [t.detach().double().cpu() for t in (y, leaves[0].grad, leaves[1].grad, leaves[2].grad, ys)]
-        for name, a, b in zip(["y", "grad_x", "grad_w", "grad_bank", "y_sample"], outs["cpu"], outs["cuda"]):
+            # the op with the layer's R_BA spread (reference implementation on every device)
+            sl = [t.detach().to(dev, dt).requires_grad_() for t in (x, w, bank)]
+            y2, spread = multi_bias_linear_spread(*sl, idx.to(dev))
+            torch.autograd.backward([y2, spread], [gy.to(dev, dt), None])
+            outs[dev] = [t.detach().double().cpu() for t in (y, leaves[0].grad, leaves[1].grad, leaves[2].grad, ys,
+                                                              y2, spread, sl[1].grad, sl[2].grad)]
+        names = ["y", "grad_x", "grad_w", "grad_bank", "y_sample", "spread_y", "spread", "spread_grad_w",
+                 "spread_grad_bank"]
+        for name, a, b in zip(names, outs["cpu"], outs["cuda"]):
             err = float((a - b).abs().max() / (a.abs().max() + 1e-12))
             errs[f"{name}{list(shape_x)}"] = err
             if err > 1e-5:
