@@ -12,13 +12,16 @@ computed here as a single ``addmm`` whose additive input is the gathered bias ro
 backward for ``x`` and ``W`` plus a segment sum for the bias bank:
 ``grad_bank = zeros(A, out).index_add_(0, index, grad_y)``.
 
-Two forms are registered with :func:`torch.library.custom_op` (fake impl + autograd), so they
+Three forms are registered with :func:`torch.library.custom_op` (fake impl + autograd), so they
 pass :func:`torch.library.opcheck` and trace into ``torch.compile(fullgraph=True)`` graphs as
 single nodes:
 
 * ``multi_bias_linear(x, weight, bank, index)``: biases chosen from a bank by manifold index;
 * ``sample_bias_linear(x, weight, bias)``: explicit per-sample bias rows ``(B, out)`` (inversion
-  and derived manifolds, Eq. 3, where each image carries free biases).
+  and derived manifolds, Eq. 3, where each image carries free biases);
+* ``multi_bias_linear_spread(x, weight, bank, index)``: the bank form plus the layer's bias
+  spread, the quantity of the regularizer (Eq. 2), from one autograd node (R_BA taken from the
+  forward, ``q(..., return_regularizer=True)``).
 
 ``x`` may be ``(B, in)`` or ``(B, ..., in)``; a sample's bias is broadcast over its middle dims.
 A device-specific kernel (e.g. Triton on CUDA, :mod:`qmm_plugin._triton`) can be registered for
@@ -179,7 +182,7 @@ def _few_rows_mm(a: Tensor, b: Tensor) -> Tensor:
     """
     k = torch.get_num_threads()
     rows, depth = a.shape
-    if not a.is_cpu or k < 2 or depth % k or torch.compiler.is_compiling():
+    if not a.is_cpu or k < 2 or depth % k:
         return a @ b
     return torch.bmm(a.view(rows, k, depth // k).transpose(0, 1), b.view(k, depth // k, -1)).sum(0)
 
