@@ -148,12 +148,12 @@ def gan_variants(batch: int, num: int, lam: float, gen: torch.Generator, tiny: b
         opt_d = torch.optim.Adam(critic.parameters(), 1e-4, betas=(0.5, 0.9))
         opt_g = torch.optim.Adam(g_model.parameters(), 1e-4, betas=(0.5, 0.9))
 
-        def sample() -> Tensor:
+        def sample(**kw: Any) -> Any:
             z = torch.randn(batch, z_dim)
             if kind == "multi":
                 return g_model(z, balanced_index(batch, num, gen))
             if kind == "qmm":
-                return g_model(z, manifold=balanced_index(batch, num, gen))
+                return g_model(z, manifold=balanced_index(batch, num, gen), **kw)
             return g_model(z)
 
         def critic_step() -> None:
@@ -167,8 +167,7 @@ def gan_variants(batch: int, num: int, lam: float, gen: torch.Generator, tiny: b
         def gen_step(reg: str = "fused") -> None:
             opt_g.zero_grad(set_to_none=True)
             if kind == "qmm" and reg == "fused":  # as examples/mnist_qwgan.py: R_BA from the forward
-                fake, r_ba = g_model(torch.randn(batch, z_dim), manifold=balanced_index(batch, num, gen),
-                                     return_regularizer=True)
+                fake, r_ba = sample(return_regularizer=True)
                 loss = -critic(fake).mean() + lam * r_ba
             else:
                 loss = -critic(sample()).mean()
