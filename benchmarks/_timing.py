@@ -55,7 +55,7 @@ def _quartiles(values: list[float]) -> dict[str, float]:
 
 def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | None = None,
                 warmup: int = 2, budget_s: float = 3.0, min_rounds: int = 5, max_rounds: int = 25,
-                min_sample_s: float = 0.0) -> Timing:
+                min_sample_s: float = 0.0, progress: str | None = None) -> Timing:
     """Time ``variants`` round-robin.
 
     After ``warmup`` untimed rounds, the number of rounds is ``rounds`` if given, else as many as
@@ -65,6 +65,8 @@ def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | N
     from the warm-up so that a sample lasts at least this long. Sub-millisecond calls timed one
     at a time mostly measure the scheduler of a shared machine; averaging a few milliseconds of
     calls per sample keeps the per-round pairing (the ratio) while removing that jitter.
+
+    ``progress``: a label for a tqdm bar over the rounds (on stderr; for the long step sets).
     """
     if not variants:
         raise ValueError("interleaved: no variants to time")
@@ -80,7 +82,12 @@ def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int | N
         rounds = int(budget_s / max(per_round, 1e-9))
         rounds = max(min_rounds, min(max_rounds, rounds))
     samples: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(rounds):
+    order = range(rounds)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        order = tqdm(order, desc=progress, unit="round", leave=False)
+    for r in order:
         # rotate the starting variant so no variant always runs right after the same neighbour
         items = list(variants.items())
         items = items[r % len(items):] + items[:r % len(items)]

@@ -239,13 +239,13 @@ def bench_spread_layers(batch: int, num: int, budget_s: float, max_rounds: int) 
 def bench_gan(batch: int, num: int, budget_s: float, max_rounds: int, tiny: bool) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     steps, gsteps = gan_variants(batch, num, 1.0, gen, tiny)
-    t = interleaved(steps, budget_s=budget_s, max_rounds=max_rounds)
+    t = interleaved(steps, budget_s=budget_s, max_rounds=max_rounds, progress="gan steps")
     out: dict[str, Any] = {"B": batch, "A": num,
                            "ms": {n: t.summary(n) for n in steps},
                            "ratio_vs_wgan": {n: t.ratio(n, "WGAN") for n in steps}}
     print(f"[gan] Q-WGAN/WGAN = {out['ratio_vs_wgan']['Q-WGAN']['median']:.3f}, "
           f"DMWGAN/WGAN = {out['ratio_vs_wgan']['DMWGAN-style']['median']:.3f}", flush=True)
-    tg = interleaved(gsteps, budget_s=budget_s, max_rounds=max_rounds)
+    tg = interleaved(gsteps, budget_s=budget_s, max_rounds=max_rounds, progress="generator steps")
     out["generator_step_ms"] = {n: tg.summary(n) for n in gsteps}
     out["generator_step_ratio"] = {n: tg.ratio(n, "WGAN G step") for n in gsteps}
     out["regularizer_share_of_qwgan_g_step"] = _share(tg, "Q-WGAN G step")
@@ -301,7 +301,7 @@ def bench_vae(batch: int, num: int, budget_s: float, max_rounds: int) -> dict[st
 
     variants = {"beta-VAE": make("plain"), "Q-beta-VAE EM (batched op)": make("batched"),
                 "Q-beta-VAE EM (decoder x A)": make("loop")}
-    t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds)
+    t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds, progress="vae steps")
     out = {"B": batch, "A": num, "ms": {n: t.summary(n) for n in variants},
            "ratio_vs_beta_vae": {n: t.ratio(n, "beta-VAE") for n in variants},
            "loop_over_batched": t.ratio("Q-beta-VAE EM (decoder x A)", "Q-beta-VAE EM (batched op)")}

@@ -76,3 +76,10 @@ def test_median_ci_narrows_with_more_rounds() -> None:
     small = _timing.median_ci([float(i % 10) for i in range(20)])
     big = _timing.median_ci([float(i % 10) for i in range(2000)])
     assert small[0] <= big[0] and big[1] <= small[1] and big[1] - big[0] < small[1] - small[0]
+
+
+def test_progress_bar_counts_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    calls, variants = _counter()
+    t = interleaved(variants, rounds=7, warmup=1, progress="demo")
+    assert len(t.samples["a"]) == 7 and calls == {"a": 8, "b": 8}
+    assert "demo" in capsys.readouterr().err  # tqdm writes its bar to stderr
