@@ -157,6 +157,7 @@ class QuotientModel(nn.Module):
       :meth:`ba_regularizer`, but its backward shares the layers' weight-gradient buffers, which
       makes a regularized generator step cheaper (``benchmarks/run.py``). Its gradient flows
       through this forward's graph: backpropagate it together with the loss on ``output``.
+      First-order gradients only (``create_graph=True`` raises; the separate form has any order).
 
     Example::
 

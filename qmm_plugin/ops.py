@@ -220,6 +220,11 @@ def _spread_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ..
 
 
 def _spread_backward(ctx: Any, grad: Tensor, grad_spread: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    if torch.is_grad_enabled():  # backward(create_graph=True): P and P W^T are saved as constants
+        raise RuntimeError(
+            "qmm::multi_bias_linear_spread has no double backward (backward(create_graph=True) or "
+            "torch.autograd.grad(..., create_graph=True) through R_BA taken from the forward); use the "
+            "separate q.ba_regularizer(), which plain autograd differentiates to any order")
     x, weight, bank, index, proj, proj_wt = ctx.saved_tensors
     need_x, need_w, need_bank, _ = ctx.needs_input_grad
     grad_x, grad_w = _linear_input_grads(grad, x, weight, need_x, need_w)

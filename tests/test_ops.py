@@ -194,3 +194,13 @@ def test_spread_opcheck_and_compile() -> None:
     ref = torch.autograd.grad(f(x, w, bank, index), (w, bank))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_spread_refuses_double_backward() -> None:
+    """Its backward treats P and P W^T as constants: second derivatives would be wrong, so it says so."""
+    x, w, bank, index = _inputs(5, 4, 6, 3)
+    y, spread = multi_bias_linear_spread(x, w, bank, index)
+    with pytest.raises(RuntimeError, match="no double backward.*q.ba_regularizer"):
+        torch.autograd.grad(y.sum() + spread, (w,), create_graph=True)
+    # first-order gradients are unaffected
+    assert torch.autograd.grad(multi_bias_linear_spread(x, w, bank, index)[1], (w,))[0].shape == w.shape
