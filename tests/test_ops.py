@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmm_plugin.regularizer import bias_spread
 from qmm_plugin.ops import (
     NARROW_FAN_IN,
     bank_linear,
@@ -15,6 +16,7 @@ from qmm_plugin.ops import (
     multi_bias_linear_spread,
     sample_bias_linear,
 )
+from qmm_plugin.regularizer import bias_spread
 
 
 def _loop_reference(x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -138,19 +140,11 @@ def _spread_reference(x: torch.Tensor, w: torch.Tensor, bank: torch.Tensor, inde
     return torch.nn.functional.linear(x, w) + rows, bias_spread(w, bank)
 
 
-@pytest.fixture
-def two_threads():
-    """The spread's few-row product splits across threads on the CPU: test that path too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("fout", [6, 5])  # even: P = C W split over 2 threads; odd: the plain product
 @pytest.mark.parametrize("fan_in", [3, NARROW_FAN_IN + 1])
 @pytest.mark.parametrize("mid", [(), (2,)])
-def test_spread_gradcheck(two_threads: None, fout: int, fan_in: int, mid: tuple[int, ...]) -> None:
+def test_spread_gradcheck(set_threads: Callable[[int], None], fout: int, fan_in: int, mid: tuple[int, ...]) -> None:
+    set_threads(2)  # the spread's few-row product splits across threads on the CPU: test that path too
     x, w, bank, index = _inputs(6, fan_in, fout, 3, mid)
     assert torch.autograd.gradcheck(lambda x, w, b: multi_bias_linear_spread(x, w, b, index), (x, w, bank))
     # one output unused: its gradient arrives as zeros
@@ -158,26 +152,23 @@ def test_spread_gradcheck(two_threads: None, fout: int, fan_in: int, mid: tuple[
     assert torch.autograd.gradcheck(lambda x, w, b: multi_bias_linear_spread(x, w, b, index)[0], (x, w, bank))
 
 
-@settings(max_examples=20, deadline=None)
+# the thread count is set once per test; no example changes it
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 10), fin=st.integers(1, 20), fout=st.sampled_from([1, 2, 4, 7, 8]),
        a=st.integers(1, 6), mid=st.sampled_from([(), (3,)]), seed=st.integers(0, 10_000))
-def test_spread_matches_separate_graphs(batch: int, fin: int, fout: int, a: int, mid: tuple[int, ...],
-                                        seed: int) -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x, w, bank, index = _inputs(batch, fin, fout, a, mid, seed=seed)
-        y, spread = multi_bias_linear_spread(x, w, bank, index)
-        y_ref, spread_ref = _spread_reference(x, w, bank, index)
-        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(spread, spread_ref, rtol=1e-12, atol=1e-12)
-        gy, gs = torch.randn_like(y), torch.randn(())
-        got = torch.autograd.grad((y, spread), (x, w, bank), (gy, gs))
-        ref = torch.autograd.grad((y_ref, spread_ref), (x, w, bank), (gy, gs))
-        for g_got, g_ref in zip(got, ref):
-            torch.testing.assert_close(g_got, g_ref, rtol=1e-10, atol=1e-10)
-    finally:
-        torch.set_num_threads(before)
+def test_spread_matches_separate_graphs(set_threads: Callable[[int], None], batch: int, fin: int, fout: int, a: int,
+                                        mid: tuple[int, ...], seed: int) -> None:
+    set_threads(2)
+    x, w, bank, index = _inputs(batch, fin, fout, a, mid, seed=seed)
+    y, spread = multi_bias_linear_spread(x, w, bank, index)
+    y_ref, spread_ref = _spread_reference(x, w, bank, index)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spread, spread_ref, rtol=1e-12, atol=1e-12)
+    gy, gs = torch.randn_like(y), torch.randn(())
+    got = torch.autograd.grad((y, spread), (x, w, bank), (gy, gs))
+    ref = torch.autograd.grad((y_ref, spread_ref), (x, w, bank), (gy, gs))
+    for g_got, g_ref in zip(got, ref):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_spread_opcheck_and_compile() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -171,31 +173,27 @@ def _grads(q: qmm_plugin.QuotientModel, loss: torch.Tensor) -> dict[str, torch.T
 
 @pytest.mark.parametrize("fused_from", [0, 1 << 30])  # every layer through the fused op / none
 @pytest.mark.parametrize("threads", [1, 2])
-def test_forward_regularizer_equals_separate_value_and_gradients(threads: int, fused_from: int,
+def test_forward_regularizer_equals_separate_value_and_gradients(threads: int, fused_from: int, set_threads: Callable[[int], None],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qmm_plugin.ops, "FUSED_SPREAD_MIN_WEIGHTS", fused_from)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        q = qmm_plugin.convert(_mlp(), num_biases=4, init_std=0.5)
-        z, index = torch.randn(9, 4, dtype=torch.float64), torch.arange(9) % 4
-        out, r_ba = q(z, manifold=index, return_regularizer=True)
-        sep_out = q(z, manifold=index)
-        torch.testing.assert_close(out, sep_out, rtol=0, atol=0)
-        r_sep = q.ba_regularizer()
-        torch.testing.assert_close(r_ba, r_sep, rtol=1e-12, atol=1e-12)
-        target = torch.randn_like(out)
-        fused = _grads(q, ((out - target) ** 2).sum() + 0.7 * r_ba)
-        separate = _grads(q, ((sep_out - target) ** 2).sum() + 0.7 * r_sep)
-        assert fused.keys() == separate.keys()
-        for name in fused:
-            torch.testing.assert_close(fused[name], separate[name], rtol=1e-10, atol=1e-10, msg=name)
-        # the regularizer alone through the forward's graph (the output's gradient is absent)
-        reg_only = _grads(q, q(z, manifold=index, return_regularizer=True)[1])
-        for name, g in _grads(q, q.ba_regularizer()).items():
-            torch.testing.assert_close(reg_only[name], g, rtol=1e-10, atol=1e-10, msg=name)
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    q = qmm_plugin.convert(_mlp(), num_biases=4, init_std=0.5)
+    z, index = torch.randn(9, 4, dtype=torch.float64), torch.arange(9) % 4
+    out, r_ba = q(z, manifold=index, return_regularizer=True)
+    sep_out = q(z, manifold=index)
+    torch.testing.assert_close(out, sep_out, rtol=0, atol=0)
+    r_sep = q.ba_regularizer()
+    torch.testing.assert_close(r_ba, r_sep, rtol=1e-12, atol=1e-12)
+    target = torch.randn_like(out)
+    fused = _grads(q, ((out - target) ** 2).sum() + 0.7 * r_ba)
+    separate = _grads(q, ((sep_out - target) ** 2).sum() + 0.7 * r_sep)
+    assert fused.keys() == separate.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], separate[name], rtol=1e-10, atol=1e-10, msg=name)
+    # the regularizer alone through the forward's graph (the output's gradient is absent)
+    reg_only = _grads(q, q(z, manifold=index, return_regularizer=True)[1])
+    for name, g in _grads(q, q.ba_regularizer()).items():
+        torch.testing.assert_close(reg_only[name], g, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_forward_regularizer_covers_layers_the_forward_did_not_project(monkeypatch: pytest.MonkeyPatch) -> None:
