@@ -12,8 +12,13 @@ Sections:
 * ``gan``: one critic + one generator step on MNIST shapes, B=64: WGAN vs Q-WGAN (A=10, with the
   Eq. 2 regularizer) vs the DMWGAN-style ``MultiGenerator``; also the critic without spectral
   norm and the regularizer's share of the generator step;
-* ``vae``: Q-β-VAE's EM step (A decoders batched through the op) vs a β-VAE step vs running the
-  decoder A times.
+* ``vae``: Q-β-VAE's EM step as ``examples/mnist_qbvae.py`` runs it (all A decoders in one
+  forward of the stacked batch, R_BA from that forward) vs a β-VAE step vs running the decoder A
+  times.
+
+Like the examples, the run raises glibc's malloc thresholds first (``--no-alloc-tuning`` to
+leave them; ``benchmarks/bench_allocator.py`` measures what that changes); the results record
+which.
 
 Usage::
 
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))  # _common, mnist_qbvae
 from _timing import interleaved, machine  # noqa: E402
 
 import qmm_plugin  # noqa: E402
@@ -262,12 +268,22 @@ def bench_gan(batch: int, num: int, budget_s: float, max_rounds: int, tiny: bool
 
 
 # --------------------------------------------------------------------------------------- VAE
-def bench_vae(batch: int, num: int, budget_s: float, max_rounds: int) -> dict[str, Any]:
+EM_EXAMPLE = "Q-beta-VAE EM step (examples/mnist_qbvae.py)"
+EM_LOOP = "Q-beta-VAE EM, decoder x A"
+
+
+def vae_variants(batch: int, num: int, gen: torch.Generator) -> dict[str, Callable[[], None]]:
+    """One optimisation step each: a β-VAE step, the Q-β-VAE EM iteration exactly as
+    ``examples/mnist_qbvae.py`` runs it (``em_losses``: all A decoders in one forward of the stacked
+    ``(A·B)`` batch, R_BA from that forward), and the same EM objective with the decoder run A
+    times (one manifold per call, separate ``q.ba_regularizer()``)."""
     from qmm_plugin.models import BetaVAEEncoder, bernoulli_log_likelihood, beta_vae_decoder, gaussian_kl
     from qmm_plugin.models import reparameterize
 
-    gen = torch.Generator().manual_seed(2)
-    x01 = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float()
+    import mnist_qbvae  # examples/ is on sys.path (see _example_path)
+
+    x = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float() * 2 - 1  # model range [-1, 1]
+    x01 = (x + 1) / 2
     beta, lam = 4.0, 1.0
 
     def make(kind: str) -> Callable[[], None]:
@@ -279,34 +295,34 @@ def bench_vae(batch: int, num: int, budget_s: float, max_rounds: int) -> dict[st
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            mu, logvar = enc(x01)
-            z = reparameterize(mu, logvar)
-            kl = gaussian_kl(mu, logvar)
-            if kind == "plain":
-                loss = (-bernoulli_log_likelihood(dec(z), x01) + beta * kl).mean()
+            if kind == "example":
+                loss = mnist_qbvae.em_losses(dec, enc, x, beta, lam)["loss"]
             else:
-                if kind == "batched":  # all A decoders in one call: B*A rows through the op
-                    manifold = torch.arange(num).repeat_interleave(batch)
-                    logits = dec(z.repeat(num, 1), manifold=manifold)
-                    logp = bernoulli_log_likelihood(logits, x01.repeat(num, 1, 1, 1)).view(num, batch).t()
+                mu, logvar = enc(x)
+                z = reparameterize(mu, logvar)
+                kl = gaussian_kl(mu, logvar)
+                if kind == "plain":
+                    loss = (-bernoulli_log_likelihood(dec(z), x01) + beta * kl).mean()
                 else:  # the decoder run A times, one manifold each
                     logp = torch.stack([bernoulli_log_likelihood(dec(z, manifold=i), x01)
                                         for i in range(num)], 1)
-                gamma = torch.softmax(logp.detach(), 1)  # E-step (uniform pi), fixed in the M-step
-                loss = (-(gamma * logp).sum(1) + beta * kl).mean() + lam * dec.ba_regularizer()
+                    gamma = torch.softmax(logp.detach(), 1)  # E-step (uniform pi), fixed in the M-step
+                    loss = (-(gamma * logp).sum(1) + beta * kl).mean() + lam * dec.ba_regularizer()
             loss.backward()
             opt.step()
 
         return step
 
-    variants = {"beta-VAE": make("plain"), "Q-beta-VAE EM (batched op)": make("batched"),
-                "Q-beta-VAE EM (decoder x A)": make("loop")}
+    return {"beta-VAE": make("plain"), EM_EXAMPLE: make("example"), EM_LOOP: make("loop")}
+
+
+def bench_vae(batch: int, num: int, budget_s: float, max_rounds: int) -> dict[str, Any]:
+    variants = vae_variants(batch, num, torch.Generator().manual_seed(2))
     t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds, progress="vae steps")
     out = {"B": batch, "A": num, "ms": {n: t.summary(n) for n in variants},
            "ratio_vs_beta_vae": {n: t.ratio(n, "beta-VAE") for n in variants},
-           "loop_over_batched": t.ratio("Q-beta-VAE EM (decoder x A)", "Q-beta-VAE EM (batched op)")}
-    print(f"[vae] EM(batched)/beta-VAE = {out['ratio_vs_beta_vae']['Q-beta-VAE EM (batched op)']['median']:.3f}",
-          flush=True)
+           "loop_over_batched": t.ratio(EM_LOOP, EM_EXAMPLE)}
+    print(f"[vae] EM step / beta-VAE step = {out['ratio_vs_beta_vae'][EM_EXAMPLE]['median']:.3f}", flush=True)
     return out
 
 
@@ -327,7 +343,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with "
         f"{m['torch_threads']} threads, {m['platform']}; CUDA available: {m['cuda_available']}. "
         f"Load average at start {m['loadavg_at_start']}, at end {res.get('loadavg_at_end')}"
-        " (the machine is shared; a load above the core count means other jobs ran concurrently).", "",
+        " (the machine is shared; a load above the core count means other jobs ran concurrently). "
+        f"Allocator: {m.get('allocator', 'glibc defaults (not recorded)')}.", "",
         "Times: median [q1–q3] ms over interleaved rounds. Ratios: median [q1–q3] of per-round "
         "ratios (variants measured in the same round).", "",
     ]
@@ -382,7 +399,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"## VAE step (B={v['B']}, A={v['A']})", "", "| variant | ms | / β-VAE |", "|---|---|---|"]
         for n, s in v["ms"].items():
             lines.append(f"| {n} | {_fmt(s, 1)} | {_fmt(v['ratio_vs_beta_vae'][n], 3)} |")
-        lines += ["", f"Decoder run A times / batched op: {_fmt(v['loop_over_batched'], 2)}.", ""]
+        lines += ["", f"EM with the decoder run A times / the example's stacked EM step: "
+                      f"{_fmt(v['loop_over_batched'], 2)}.", ""]
     lines += targets(res)
     return "\n".join(lines) + "\n"
 
@@ -459,6 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="exactly this many interleaved rounds for the GAN/VAE step tables (no time budget): "
                         "narrows the 95%% interval of the median step ratio as 1/sqrt(rounds)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--no-alloc-tuning", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (default: raise them as the examples do)")
     p.add_argument("--render", type=Path, default=None,
                    help="only re-render RESULTS.md (next to it) from an existing results.json")
     args = p.parse_args(argv)
@@ -472,8 +492,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"unknown sections {sorted(unknown)}; choose from layer,gan,vae")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    import _common  # examples/_common.py: the allocator setting the examples use
+
+    allocator = "glibc defaults (--no-alloc-tuning)" if args.no_alloc_tuning else _common.tune_cpu_allocator()
     res: dict[str, Any] = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                           "machine": machine()}
+                           "machine": {**machine(), "allocator": allocator}}
     res["command"] = res["command"].strip()
     t0 = time.time()
     if args.tiny:

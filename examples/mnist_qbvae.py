@@ -17,10 +17,10 @@ A decoders sharing every weight. Each minibatch gets ``--em-repeats`` (10) EM it
   + \beta\,\mathrm{KL}(q(z|x)\,\|\,p(z)) + \lambda R_{BA}` (Eq. 2).
 
 Both steps use one evaluation of :math:`\log p^{(i)}(x|z)` for all A decoders
-(:func:`decode_all_manifolds`): the first converted layer's matmul ``F.linear(z, W)`` runs once
-and the A biases are broadcast onto it; the rest of the decoder runs once on the stacked
-``(A·B)`` batch. λ = 1: NOTES.md writes the M-step objective with ``+ R_BA`` (no weight).
-Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
+(:func:`decode_all_manifolds`): one call of the converted decoder on the stacked ``(A·B)`` batch,
+block ``i`` on manifold ``i``, which also returns R_BA from the same forward
+(``q(..., return_regularizer=True)``). λ = 1: NOTES.md writes the M-step objective with
+``+ R_BA`` (no weight). Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
 
 Outputs in ``--out`` as for ``mnist_qwgan.py``: ``samples_step{N}.png`` (rows = decoders, columns
 = shared z; pixel = Bernoulli mean), ``metrics.csv/json`` (ELBO terms, R_BA, final MNIST-FID),
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import qmm_plugin  # noqa: E402
-from qmm_plugin import MultiBiasLinear, QuotientModel  # noqa: E402
+from qmm_plugin import QuotientModel  # noqa: E402
 from qmm_plugin.data import load_mnist, to_model_range  # noqa: E402
 from qmm_plugin.models import BetaVAEEncoder, beta_vae_decoder, gaussian_kl, reparameterize  # noqa: E402
 from qmm_plugin.viz import save_manifold_grid  # noqa: E402
@@ -51,52 +51,49 @@ MODELS = ("qbvae", "bvae", "qbvae-l0")
 Z_DIM = 8
 
 
-def decoder_layers(q: QuotientModel) -> list[nn.Module]:
-    """The converted ``ConvGenerator``'s modules in execution order (its forward is
-    ``deconv(unflatten(fc(z)))``): ``[*fc, unflatten, *deconv]``."""
-    m = q.model
-    return [*m.fc, m.unflatten, *m.deconv]
-
-
-def decode_all_manifolds(q: QuotientModel, z: Tensor) -> Tensor:
+def decode_all_manifolds(q: QuotientModel, z: Tensor, return_regularizer: bool = False) -> Any:
     """Logits of every decoder for every z: ``(A, B, 1, 28, 28)``; row ``i`` = decoder ``i``.
 
-    The first layer is a :class:`~qmm_plugin.MultiBiasLinear`: its matmul ``F.linear(z, W)`` is
-    computed once for the batch and the A biases are broadcast onto it, giving the stacked
-    ``(A·B, out)`` hidden layer (block ``i`` = manifold ``i``). The remaining layers run once on
-    that stacked batch, each later multi-bias layer with manifold index
-    ``arange(A).repeat_interleave(B)`` (``MultiBiasLinear(x, manifold=...)``).
+    One forward of ``q`` on the stacked batch ``z.repeat(A, 1)`` with manifold index
+    ``arange(A).repeat_interleave(B)`` (block ``i`` = manifold ``i``): one matmul per layer for all
+    A decoders. ``return_regularizer=True`` returns ``(logits, R_BA)``, R_BA (Eq. 2) taken from
+    the same forward.
     """
-    layers = decoder_layers(q)
-    first = layers[0]
-    if not isinstance(first, MultiBiasLinear):
-        raise TypeError(f"expected the decoder's first layer to be converted, got {type(first).__name__}")
     a, b = q.num_biases, z.shape[0]
-    h = (F.linear(z, first.weight).unsqueeze(0) + first.bias_bank.unsqueeze(1)).reshape(a * b, -1)
     index = torch.arange(a, device=z.device).repeat_interleave(b)
-    for layer in layers[1:]:
-        h = layer(h, manifold=index) if isinstance(layer, MultiBiasLinear) else layer(h)
-    return h.reshape(a, b, *h.shape[1:])
+    out = q(z.repeat(a, 1), manifold=index, return_regularizer=return_regularizer)
+    logits, r_ba = out if return_regularizer else (out, None)
+    logits = logits.reshape(a, b, *logits.shape[1:])
+    return (logits, r_ba) if return_regularizer else logits
 
 
-def em_losses(q: QuotientModel, encoder: nn.Module, x: Tensor, beta: float) -> dict[str, Tensor]:
+def em_losses(q: QuotientModel, encoder: nn.Module, x: Tensor, beta: float, lam: float = 0.0
+              ) -> dict[str, Tensor]:
     """One EM iteration's terms for a batch ``x`` in [-1, 1] (Appendix C).
 
-    Returns ``loss`` (M-step objective without R_BA, batch mean), ``nll`` (−Σ γ log p),
-    ``kl``, ``log_px`` (log-likelihood under the best decoder) and ``gamma`` (A, B).
+    Returns ``loss`` (the M-step objective, batch mean, plus ``lam * R_BA`` when ``lam > 0``),
+    ``nll`` (−Σ γ log p), ``kl``, ``log_px_best`` (log-likelihood under the best decoder),
+    ``gamma`` (A, B) and, when ``lam > 0``, ``r_ba`` (from the decoder's forward).
     """
     target = (x + 1) / 2
     mu, logvar = encoder(x)
     z = reparameterize(mu, logvar)
-    logits = decode_all_manifolds(q, z)  # (A, B, 1, 28, 28)
+    if lam > 0:
+        logits, r_ba = decode_all_manifolds(q, z, return_regularizer=True)  # (A, B, 1, 28, 28), R_BA
+    else:
+        logits, r_ba = decode_all_manifolds(q, z), None
     a, b = logits.shape[:2]
     log_p = -F.binary_cross_entropy_with_logits(
         logits, target.unsqueeze(0).expand_as(logits), reduction="none").reshape(a, b, -1).sum(-1)
     gamma = torch.softmax(log_p.detach(), dim=0)  # E-step: uniform π cancels; held fixed
     nll = -(gamma * log_p).sum(0)
     kl = gaussian_kl(mu, logvar)
-    return {"loss": (nll + beta * kl).mean(), "nll": nll.mean(), "kl": kl.mean(),
-            "log_px_best": log_p.detach().max(0).values.mean(), "gamma": gamma}
+    terms = {"loss": (nll + beta * kl).mean(), "nll": nll.mean(), "kl": kl.mean(),
+             "log_px_best": log_p.detach().max(0).values.mean(), "gamma": gamma}
+    if r_ba is not None:
+        terms["r_ba"] = r_ba
+        terms["loss"] = terms["loss"] + lam * r_ba
+    return terms
 
 
 @torch.no_grad()
@@ -130,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    d = C.setup_distributed(args.device)
+    d = C.setup_runtime(args)
     out = Path(args.out)
     C.seed_all(args.seed)
     a = 1 if args.model == "bvae" else args.num_biases
@@ -144,18 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta,
                 "world_size": d.world_size, "batch_size": args.batch_size, "seed": args.seed}
     run = C.TrainRun(args, d, settings, {"decoder": q, "encoder": encoder}, {"adam": opt})
-    # Under torchrun the decoder is used outside its forward (decode_all_manifolds), so gradients
-    # are averaged by hand after backward instead of through a DDP wrapper.
+    # Under torchrun the gradients of encoder and decoder are averaged by hand after backward (one
+    # all-reduce per M-step) instead of through two DDP wrappers.
     params = [p for p in [*encoder.parameters(), *q.parameters()] if p.requires_grad]
 
     def train_step(step: int) -> dict[str, float]:
         x = batches.batch(step - 1, d.device)
         for _ in range(args.em_repeats):
-            terms = em_losses(q, encoder, x, args.beta)
+            terms = em_losses(q, encoder, x, args.beta, lam)
             loss = terms["loss"]
-            r_ba = q.ba_regularizer() if lam > 0 else None
-            if r_ba is not None:
-                loss = loss + lam * r_ba
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if d.enabled:
@@ -164,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"loss": loss.item(), "nll": terms["nll"].item(), "kl": terms["kl"].item(),
                "log_px_best": terms["log_px_best"].item(),
                "gamma_max_mean": terms["gamma"].max(0).values.mean().item()}
-        if r_ba is not None:
-            row["r_ba"] = r_ba.item()
+        if "r_ba" in terms:
+            row["r_ba"] = terms["r_ba"].item()
         return row
 
     def on_sample(step: int) -> dict[str, float]:

@@ -287,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    d = C.setup_distributed(args.device)
+    d = C.setup_runtime(args)
     out = Path(args.out)
     C.seed_all(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     fam = make_family(args.model, args.lam, args.critic_bn)

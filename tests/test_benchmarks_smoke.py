@@ -21,9 +21,11 @@ def _load_run():
 
 def test_tiny_layer_run_writes_results(tmp_path: Path) -> None:
     run = _load_run()
-    run.main(["--tiny", "--threads", "1", "--sections", "layer", "--out", str(tmp_path)])
+    # --no-alloc-tuning: leave this pytest process's malloc settings alone
+    run.main(["--tiny", "--threads", "1", "--sections", "layer", "--no-alloc-tuning", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["machine"]["torch_threads"] == 1
+    assert res["machine"]["allocator"].startswith("glibc defaults")
     rows = res["layer"]
     assert [(r["in"], r["out"], r["B"], r["A"]) for r in rows] == [(8, 16, 4, 1), (8, 16, 4, 2)]
     for r in rows:
@@ -53,4 +55,19 @@ def test_tiny_all_sections(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["gan"]["ms"]) == {"WGAN", "Q-WGAN", "DMWGAN-style", "WGAN (critic w/o SN)"}
     assert 0.0 < res["gan"]["regularizer_alone_ms"]["median"]
-    assert set(res["vae"]["ms"]) == {"beta-VAE", "Q-beta-VAE EM (batched op)", "Q-beta-VAE EM (decoder x A)"}
+    assert set(res["vae"]["ms"]) == {"beta-VAE", run.EM_EXAMPLE, run.EM_LOOP}
+    assert "mmap threshold" in res["machine"]["allocator"]  # the examples' setting, recorded
+
+
+@pytest.mark.slow
+def test_allocator_benchmark_runs_pairs_of_processes(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("qmm_bench_allocator", ROOT / "benchmarks" / "bench_allocator.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--pairs", "1", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert "mmap threshold 32 MiB" in res["tuned_allocator"]
+    for name, r in res["steps"].items():
+        assert len(r["default_all_ms"]) == len(r["tuned_all_ms"]) == 1 and r["default_ms"] > 0, name
+        assert r["ratio"]["median"] == r["tuned_ms"] / r["default_ms"]
+    assert "| Q-WGAN |" in (tmp_path / "allocator.md").read_text()

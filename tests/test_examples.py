@@ -82,6 +82,29 @@ def test_em_responsibilities_sum_to_one_and_pick_the_best_decoder() -> None:
     assert torch.isfinite(terms["loss"]) and terms["loss"].requires_grad
 
 
+def test_em_loss_takes_r_ba_from_the_decoder_forward() -> None:
+    """λ > 0: the M-step loss adds λ·R_BA, with R_BA (from the stacked forward) equal to the
+    separate q.ba_regularizer() in value and in its gradient on every converted layer."""
+    vae = _module("mnist_qbvae")
+    torch.manual_seed(2)
+    q = qmm_plugin.convert(qmm_plugin.models.beta_vae_decoder(8), num_biases=4)
+    enc = qmm_plugin.models.BetaVAEEncoder(8)
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    torch.manual_seed(5)
+    plain = vae.em_losses(q, enc, x, beta=4.0)
+    torch.manual_seed(5)  # the same reparameterisation noise
+    terms = vae.em_losses(q, enc, x, beta=4.0, lam=0.5)
+    assert "r_ba" not in plain
+    separate = q.ba_regularizer()
+    torch.testing.assert_close(terms["r_ba"], separate)
+    torch.testing.assert_close(terms["loss"], plain["loss"] + 0.5 * separate)
+    params = [p for layer in q.multi_bias_layers().values() for p in (layer.weight, layer.bias_bank)]
+    got = torch.autograd.grad(terms["r_ba"], params)
+    ref = torch.autograd.grad(separate, params)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def test_sharded_batches_are_deterministic_and_disjoint_across_ranks() -> None:
     common = _module("_common")
     data = torch.arange(100).float()
