@@ -29,7 +29,7 @@ def test_tiny_layer_run_writes_results(tmp_path: Path) -> None:
     rows = res["layer"]
     assert [(r["in"], r["out"], r["B"], r["A"]) for r in rows] == [(8, 16, 4, 1), (8, 16, 4, 2)]
     for r in rows:
-        for name in ("nn.Linear", "MultiBiasLinear", "F.linear+bank[idx]", "A-generator loop"):
+        for name in ("nn.Linear", "MultiBiasLinear", "F.linear+bank[idx]", run.TWO_CALLS, "A-generator loop"):
             s = r["ms"][name]
             assert 0 < s["q1"] <= s["median"] <= s["q3"] and s["n"] >= 3
         assert r["ratio_vs_linear"]["nn.Linear"]["median"] == 1.0
