@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
            "machine": machine(), "threads": args.threads, "pairs": args.pairs, "rounds": args.rounds,
            "tuned_allocator": tuned_line, "steps": steps}
     res["command"] = res["command"].strip()
-    sys.path.insert(0, str(HERE.parent))
     from qmm_plugin.io import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)

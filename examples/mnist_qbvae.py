@@ -62,9 +62,10 @@ def decode_all_manifolds(q: QuotientModel, z: Tensor, return_regularizer: bool =
     a, b = q.num_biases, z.shape[0]
     index = torch.arange(a, device=z.device).repeat_interleave(b)
     out = q(z.repeat(a, 1), manifold=index, return_regularizer=return_regularizer)
-    logits, r_ba = out if return_regularizer else (out, None)
-    logits = logits.reshape(a, b, *logits.shape[1:])
-    return (logits, r_ba) if return_regularizer else logits
+    if not return_regularizer:
+        return out.reshape(a, b, *out.shape[1:])
+    logits, r_ba = out
+    return logits.reshape(a, b, *logits.shape[1:]), r_ba
 
 
 def em_losses(q: QuotientModel, encoder: nn.Module, x: Tensor, beta: float, lam: float = 0.0
