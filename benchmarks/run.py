@@ -286,7 +286,7 @@ def vae_variants(batch: int, num: int, gen: torch.Generator) -> dict[str, Callab
     from qmm_plugin.models import BetaVAEEncoder, bernoulli_log_likelihood, beta_vae_decoder, gaussian_kl
     from qmm_plugin.models import reparameterize
 
-    import mnist_qbvae  # examples/ is on sys.path (see _example_path)
+    import mnist_qbvae  # examples/mnist_qbvae.py: run.py puts examples/ on sys.path at import
 
     x = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float() * 2 - 1  # model range [-1, 1]
     x01 = (x + 1) / 2
