@@ -1,4 +1,4 @@
-"""What raising glibc's malloc thresholds (``examples/_common.py: tune_cpu_allocator``) saves.
+"""What raising glibc's malloc thresholds (``qmm_plugin/paper/training.py: tune_cpu_allocator``) saves.
 
 The setting is per process and cannot be undone cleanly inside one, so each measurement is a
 fresh child process: ``--pairs`` pairs of children, one with glibc's defaults and one tuned, their
@@ -31,13 +31,12 @@ HERE = Path(__file__).resolve().parent
 
 def child(section: str, tuned: bool, rounds: int, threads: int) -> dict[str, float]:
     """Median step time in ms per variant, in this (fresh) process."""
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(1, str(HERE.parent / "examples"))
-    import _common  # examples/_common.py
     import torch
 
-    allocator = _common.tune_cpu_allocator() if tuned else "glibc defaults"
-    import run  # benchmarks/run.py: the same step closures as its tables
+    from qmm_plugin.paper.training import tune_cpu_allocator
+
+    allocator = tune_cpu_allocator() if tuned else "glibc defaults"
+    import run  # benchmarks/run.py (the child runs this file as a script: its folder is on sys.path)
     from _timing import interleaved
 
     torch.set_num_threads(threads)
@@ -93,7 +92,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     if args.pairs < 1 or args.rounds < 1:
         p.error(f"--pairs and --rounds must be >= 1, got {args.pairs} and {args.rounds}")
-    sys.path.insert(0, str(HERE))
     from _timing import machine
     from tqdm.auto import tqdm
 

@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import Timing, machine  # noqa: E402
+from _timing import Timing, machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
-import qmm_plugin  # noqa: E402
-from qmm_plugin.inversion import invert  # noqa: E402
-from qmm_plugin.io import atomic_write_text  # noqa: E402
-from qmm_plugin.models.gan import MNISTGenerator  # noqa: E402
+import qmm_plugin
+from qmm_plugin.inversion import invert
+from qmm_plugin.io import atomic_write_text
+from qmm_plugin.paper.models.gan import MNISTGenerator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine  # noqa: E402
+from _timing import machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
-import qmm_plugin  # noqa: E402
-from qmm_plugin.io import atomic_write_text  # noqa: E402
-from qmm_plugin.ops import multi_bias_linear, multi_bias_linear_spread, sample_bias_linear  # noqa: E402
+import qmm_plugin
+from qmm_plugin.io import atomic_write_text
+from qmm_plugin.ops import multi_bias_linear, multi_bias_linear_spread, sample_bias_linear
 
 
 def _quart(v: list[float]) -> dict[str, float]:
@@ -76,7 +75,7 @@ def correctness() -> dict[str, float]:
 
 
 def compile_check() -> str:
-    from qmm_plugin.models import MNISTGenerator
+    from qmm_plugin.paper.models import MNISTGenerator
 
     q = qmm_plugin.convert(MNISTGenerator(8), 10).cuda()
     z, idx = torch.randn(64, 8, device="cuda"), torch.randint(0, 10, (64,), device="cuda")

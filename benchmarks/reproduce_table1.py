@@ -7,10 +7,10 @@ of the example script, so the study uses exactly the examples' training code —
 every run from its checkpoint and appends one JSON line per (model, seed) to
 ``OUT/results.jsonl``:
 
-* **MNIST-FID** (:class:`qmm_plugin.metrics.MNISTFID`, computed by the example at the end of
+* **MNIST-FID** (:class:`qmm_plugin.paper.metrics.MNISTFID`, computed by the example at the end of
   training): generated images by ancestral sampling (z ~ N(0, I), manifold/generator i ~ uniform)
   against the whole test split (10,000 digits with the full MNIST).
-* **Disentanglement** (Appendix D; :func:`qmm_plugin.metrics.disentanglement_score`) for the
+* **Disentanglement** (Appendix D; :func:`qmm_plugin.paper.metrics.disentanglement_score`) for the
   slant and width transforms of the first ``dis_images`` test digits at ``dis_strengths``
   strengths. Encoder: the encoder mean for the VAEs; for every GAN a latent-only fit on its
   trained manifolds (:class:`LatentEncoder`, which says why not ``q.invert(x).z``).
@@ -57,7 +57,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -70,15 +69,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from qmm_plugin.data import load_mnist, to_model_range
 from qmm_plugin.io import atomic_write_text
-from qmm_plugin.metrics import disentanglement_score
+from qmm_plugin.paper.data import load_mnist, to_model_range
+from qmm_plugin.paper.gan_families import make_family
+from qmm_plugin.paper.metrics import disentanglement_score
+from qmm_plugin.paper.vae_em import Z_DIM
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -152,18 +152,6 @@ PRESETS: dict[str, Budget] = {
 
 
 # ------------------------------------------------------------------------------- examples
-def _load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>`` as a module (for its model constructors)."""
-    path = EXAMPLES / name
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def train_command(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None, resume: bool) -> list[str]:
     """The example command line of one run."""
     script, _ = MODELS[model]
@@ -266,7 +254,7 @@ def load_generator(model: str, run_dir: Path) -> nn.Module:
     """The trained generator / decoder of a run, in eval mode."""
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     if model in GAN_MODELS:
-        fam = _load_example("mnist_qwgan.py").make_family(model, None)
+        fam = make_family(model, None)
         fam.generator.load_state_dict(ckpt["modules"]["generator"])
         return fam.generator.eval()
     raise ValueError(f"load_generator: {model} is a VAE; use load_vae")
@@ -275,13 +263,12 @@ def load_generator(model: str, run_dir: Path) -> nn.Module:
 def load_vae(run_dir: Path) -> tuple[nn.Module, nn.Module]:
     """``(decoder QuotientModel, encoder)`` of a VAE run, in eval mode."""
     import qmm_plugin
-    from qmm_plugin.models import BetaVAEEncoder, beta_vae_decoder
+    from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
 
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    z_dim = _load_example("mnist_qbvae.py").Z_DIM
-    q = qmm_plugin.convert(beta_vae_decoder(z_dim), num_biases=ckpt["settings"]["num_biases"])
+        q = qmm_plugin.convert(beta_vae_decoder(Z_DIM), num_biases=ckpt["settings"]["num_biases"])
     q.load_state_dict(ckpt["modules"]["decoder"])
-    enc = BetaVAEEncoder(z_dim)
+    enc = BetaVAEEncoder(Z_DIM)
     enc.load_state_dict(ckpt["modules"]["encoder"])
     return q.eval(), enc.eval()
 

@@ -42,14 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))  # _common, mnist_qbvae
-from _timing import interleaved, machine  # noqa: E402
+from _timing import interleaved, machine  # benchmarks/_timing.py (the script's folder is on sys.path)
 
-import qmm_plugin  # noqa: E402
-from qmm_plugin.io import atomic_write_text  # noqa: E402
-from qmm_plugin import ops as qops  # noqa: E402
-from qmm_plugin.layer import ManifoldSelection  # noqa: E402
+import qmm_plugin
+from qmm_plugin import ops as qops
+from qmm_plugin.io import atomic_write_text
+from qmm_plugin.layer import ManifoldSelection
 
 PAPER_SHAPES = [(8, 1024), (1024, 6272), (10, 256), (256, 8192)]
 LOOP_MAX_PARAMS = 2e8  # skip the A-generator loop beyond this many weights (A*in*out; memory)
@@ -149,7 +147,7 @@ SEPARATE = "Q-WGAN G step, separate q.ba_regularizer()"
 def gan_variants(batch: int, num: int, lam: float, gen: torch.Generator, tiny: bool
                  ) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]]]:
     """Step closures (critic + generator step) and, separately, generator-only closures."""
-    from qmm_plugin.models import MNISTCritic, MNISTGenerator, MultiGenerator
+    from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator, MultiGenerator
 
     real = torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1
     z_dim = 8
@@ -264,7 +262,7 @@ def bench_gan(batch: int, num: int, budget_s: float, max_rounds: int, tiny: bool
     out["separate_regularizer_share_of_qwgan_g_step"] = _share(tg, SEPARATE)
     out["spread_layers"] = bench_spread_layers(batch, num, min(budget_s / 10, 20.0), max_rounds)
     # the regularizer alone (forward + backward) on the converted generator's layers
-    from qmm_plugin.models import MNISTGenerator
+    from qmm_plugin.paper.models import MNISTGenerator
 
     q = qmm_plugin.convert(MNISTGenerator(8), num)
     tr = interleaved({"R_BA fwd+bwd": lambda: q.ba_regularizer().backward()}, budget_s=min(budget_s / 3, 10.0),
@@ -283,10 +281,10 @@ def vae_variants(batch: int, num: int, gen: torch.Generator) -> dict[str, Callab
     ``examples/mnist_qbvae.py`` runs it (``em_losses``: all A decoders in one forward of the stacked
     ``(A·B)`` batch, R_BA from that forward), and the same EM objective with the decoder run A
     times (one manifold per call, separate ``q.ba_regularizer()``)."""
-    from qmm_plugin.models import BetaVAEEncoder, bernoulli_log_likelihood, beta_vae_decoder, gaussian_kl
-    from qmm_plugin.models import reparameterize
+    from qmm_plugin.paper.models import BetaVAEEncoder, bernoulli_log_likelihood, beta_vae_decoder, gaussian_kl
+    from qmm_plugin.paper.models import reparameterize
 
-    import mnist_qbvae  # examples/mnist_qbvae.py: run.py puts examples/ on sys.path at import
+    from qmm_plugin.paper.vae_em import em_losses
 
     x = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float() * 2 - 1  # model range [-1, 1]
     x01 = (x + 1) / 2
@@ -302,7 +300,7 @@ def vae_variants(batch: int, num: int, gen: torch.Generator) -> dict[str, Callab
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             if kind == "example":
-                loss = mnist_qbvae.em_losses(dec, enc, x, beta, lam)["loss"]
+                loss = em_losses(dec, enc, x, beta, lam)["loss"]
             else:
                 mu, logvar = enc(x)
                 z = reparameterize(mu, logvar)
@@ -505,9 +503,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"unknown sections {sorted(unknown)}; choose from layer,gan,vae")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    import _common  # examples/_common.py: the allocator setting the examples use
+    from qmm_plugin.paper.training import tune_cpu_allocator  # the allocator setting the examples use
 
-    allocator = "glibc defaults (--no-alloc-tuning)" if args.no_alloc_tuning else _common.tune_cpu_allocator()
+    allocator = "glibc defaults (--no-alloc-tuning)" if args.no_alloc_tuning else tune_cpu_allocator()
     res: dict[str, Any] = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "machine": {**machine(), "allocator": allocator}}
     res["command"] = res["command"].strip()

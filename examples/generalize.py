@@ -8,7 +8,7 @@ Three kinds of off-manifold input for an MNIST-trained Q-WGAN:
 * ``colour``:  test digits coloured with a random RGB colour. The model is grey, so each colour
   channel is encoded as its own grey image (three inversions per digit); fresh samples decode the
   **same** z with each channel's derived biases and stack the three channels back into RGB;
-* ``letters``: font-rendered letters (``qmm_plugin.data.render_letters``; not EMNIST).
+* ``letters``: font-rendered letters (``qmm_plugin.paper.data.render_letters``; not EMNIST).
 
 For each kind one PNG, ``generalize_{kind}.png``: one row per input image, columns = input |
 reconstruction | ``--samples`` fresh samples on the image's derived manifold (biases fixed to the
@@ -30,14 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-import qmm_plugin  # noqa: E402
-from qmm_plugin.data import load_mnist, render_letters, to_model_range  # noqa: E402
-from qmm_plugin.io import atomic_write_text  # noqa: E402
-from qmm_plugin.models import MNISTGenerator  # noqa: E402
-from qmm_plugin.viz import save_grid  # noqa: E402
+import qmm_plugin
+from qmm_plugin.io import atomic_write_text
+from qmm_plugin.paper import training as C
+from qmm_plugin.paper.data import load_mnist, render_letters, to_model_range
+from qmm_plugin.paper.models import MNISTGenerator
+from qmm_plugin.paper.viz import save_grid
 
 KINDS = ("noise", "colour", "letters")
 Z_DIM = 8

@@ -8,7 +8,7 @@ Run::
     python examples/mnist_qbvae.py --model qbvae-l0      # Q-β-VAE with λ = 0
 
 The decoder is the Q-WGAN generator without BatchNorm emitting Bernoulli logits
-(``qmm_plugin.models.beta_vae_decoder``), converted with ``qmm_plugin.convert(dec, num_biases=A)``:
+(``qmm_plugin.paper.models.beta_vae_decoder``), converted with ``qmm_plugin.convert(dec, num_biases=A)``:
 A decoders sharing every weight. Each minibatch gets ``--em-repeats`` (10) EM iterations:
 
 * E-step: responsibilities :math:`\gamma^{(i)} = p^{(i)}(x|z) / \sum_j p^{(j)}(x|z)` (uniform π),
@@ -35,66 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-import qmm_plugin  # noqa: E402
-from qmm_plugin import QuotientModel  # noqa: E402
-from qmm_plugin.data import load_mnist, to_model_range  # noqa: E402
-from qmm_plugin.models import BetaVAEEncoder, beta_vae_decoder, gaussian_kl, reparameterize  # noqa: E402
-from qmm_plugin.viz import save_manifold_grid  # noqa: E402
+import qmm_plugin
+from qmm_plugin import QuotientModel
+from qmm_plugin.paper import training as C
+from qmm_plugin.paper.data import load_mnist, to_model_range
+from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
+from qmm_plugin.paper.vae_em import Z_DIM, decode_all_manifolds, em_losses
+from qmm_plugin.paper.viz import save_manifold_grid
 
 MODELS = ("qbvae", "bvae", "qbvae-l0")
-Z_DIM = 8
-
-
-def decode_all_manifolds(q: QuotientModel, z: Tensor, return_regularizer: bool = False) -> Any:
-    """Logits of every decoder for every z: ``(A, B, 1, 28, 28)``; row ``i`` = decoder ``i``.
-
-    One forward of ``q`` on the stacked batch ``z.repeat(A, 1)`` with manifold index
-    ``arange(A).repeat_interleave(B)`` (block ``i`` = manifold ``i``): one matmul per layer for all
-    A decoders. ``return_regularizer=True`` returns ``(logits, R_BA)``, R_BA (Eq. 2) taken from
-    the same forward.
-    """
-    a, b = q.num_biases, z.shape[0]
-    index = torch.arange(a, device=z.device).repeat_interleave(b)
-    out = q(z.repeat(a, 1), manifold=index, return_regularizer=return_regularizer)
-    if not return_regularizer:
-        return out.reshape(a, b, *out.shape[1:])
-    logits, r_ba = out
-    return logits.reshape(a, b, *logits.shape[1:]), r_ba
-
-
-def em_losses(q: QuotientModel, encoder: nn.Module, x: Tensor, beta: float, lam: float = 0.0
-              ) -> dict[str, Tensor]:
-    """One EM iteration's terms for a batch ``x`` in [-1, 1] (Appendix C).
-
-    Returns ``loss`` (the M-step objective, batch mean, plus ``lam * R_BA`` when ``lam > 0``),
-    ``nll`` (−Σ γ log p), ``kl``, ``log_px_best`` (log-likelihood under the best decoder),
-    ``gamma`` (A, B) and, when ``lam > 0``, ``r_ba`` (from the decoder's forward).
-    """
-    target = (x + 1) / 2
-    mu, logvar = encoder(x)
-    z = reparameterize(mu, logvar)
-    if lam > 0:
-        logits, r_ba = decode_all_manifolds(q, z, return_regularizer=True)  # (A, B, 1, 28, 28), R_BA
-    else:
-        logits, r_ba = decode_all_manifolds(q, z), None
-    a, b = logits.shape[:2]
-    log_p = -F.binary_cross_entropy_with_logits(
-        logits, target.unsqueeze(0).expand_as(logits), reduction="none").reshape(a, b, -1).sum(-1)
-    gamma = torch.softmax(log_p.detach(), dim=0)  # E-step: uniform π cancels; held fixed
-    nll = -(gamma * log_p).sum(0)
-    kl = gaussian_kl(mu, logvar)
-    terms = {"loss": (nll + beta * kl).mean(), "nll": nll.mean(), "kl": kl.mean(),
-             "log_px_best": log_p.detach().max(0).values.mean(), "gamma": gamma}
-    if r_ba is not None:
-        terms["r_ba"] = r_ba
-        terms["loss"] = terms["loss"] + lam * r_ba
-    return terms
 
 
 @torch.no_grad()

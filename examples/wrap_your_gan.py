@@ -29,8 +29,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 from tqdm.auto import tqdm
 
 import qmm_plugin  # QMM: (the import)
-from qmm_plugin.data import load_mnist, to_model_range
-from qmm_plugin.viz import save_grid, save_manifold_grid
+from qmm_plugin.paper.data import load_mnist, to_model_range
+from qmm_plugin.paper.viz import save_grid, save_manifold_grid
 
 
 class Generator(nn.Module):

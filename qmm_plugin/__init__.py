@@ -5,9 +5,12 @@ generator or decoder into a shared-weight, A-bias layer: A generators that share
 differ only in their biases. Add ``lam * q.ba_regularizer()`` (Eq. 2) to the generator loss so
 that one encoder inverts all A generators; ``q.invert(x)`` (Eq. 3) then encodes images, including
 images off every trained manifold, into new, derived manifolds.
+
+The paper-reproduction kit (its networks, data, metrics, image grids, baselines and training
+machinery) is the subpackage :mod:`qmm_plugin.paper`, imported on demand.
 """
 
-from . import data, io, metrics, models, ops, viz
+from . import io, ops
 from .convert import QuotientModel, convert
 from .inversion import AnalyticEncoder, Inversion, analytic_encoder, invert, sample_manifold
 from .layer import ManifoldSelection, MultiBiasLinear
@@ -24,12 +27,8 @@ __all__ = [
     "sample_manifold",
     "analytic_encoder",
     "AnalyticEncoder",
-    "data",
     "io",
-    "metrics",
-    "models",
     "ops",
-    "viz",
 ]
 __version__ = "0.1.0"
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""Build the MNIST subset embedded in qmm_plugin (``qmm_plugin/_assets/mnist_subset_*``).
+"""Build the MNIST subset embedded in qmm_plugin (``qmm_plugin/paper/_assets/mnist_subset_*``).
 
 Contents: the first 10,000 digits of the MNIST training set (indices 0..9,999 of
 ``train-images-idx3-ubyte``) and the first 2,000 digits of the MNIST test set (indices
 0..1,999 of ``t10k-images-idx3-ubyte``), with their labels, stored unchanged (uint8) as
 gzip'd idx files (gzip mtime 0, so rebuilding gives identical bytes):
 
-    qmm_plugin/_assets/mnist_subset_train-images-idx3-ubyte.gz
-    qmm_plugin/_assets/mnist_subset_train-labels-idx1-ubyte.gz
-    qmm_plugin/_assets/mnist_subset_t10k-images-idx3-ubyte.gz
-    qmm_plugin/_assets/mnist_subset_t10k-labels-idx1-ubyte.gz
+    qmm_plugin/paper/_assets/mnist_subset_train-images-idx3-ubyte.gz
+    qmm_plugin/paper/_assets/mnist_subset_train-labels-idx1-ubyte.gz
+    qmm_plugin/paper/_assets/mnist_subset_t10k-images-idx3-ubyte.gz
+    qmm_plugin/paper/_assets/mnist_subset_t10k-labels-idx1-ubyte.gz
 
 Origin and licence: the MNIST database of handwritten digits, Yann LeCun and Corinna Cortes
 (with Christopher J. C. Burges), http://yann.lecun.com/exdb/mnist/, licensed under Creative
@@ -28,10 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qmm_plugin.data import (  # noqa: E402
+from qmm_plugin.paper.data import (  # noqa: E402
     EMBEDDED_MNIST_TEST_COUNT,
     EMBEDDED_MNIST_TRAIN_COUNT,
-    _write_idx,
+    write_idx,
     load_mnist,
     read_idx,
 )
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"asked for {n} {split} digits, {args.data_dir} has {images.shape[0]}")
         for kind, t in (("images-idx3", images[:n]), ("labels-idx1", labels[:n].to("cpu").byte())):
             path = args.out_dir / f"mnist_subset_{prefix}-{kind}-ubyte.gz"
-            _write_idx(t.contiguous(), path)
+            write_idx(t.contiguous(), path)
             back = read_idx(path)
             assert back.dtype == t.dtype and bool((back == t).all()), path
             size = path.stat().st_size

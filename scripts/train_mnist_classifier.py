@@ -1,10 +1,10 @@
-"""Train the MNIST-FID feature classifier and write ``qmm_plugin/_assets/mnist_classifier.pt``.
+"""Train the MNIST-FID feature classifier and write ``qmm_plugin/paper/_assets/mnist_classifier.pt``.
 
 Usage (from the repository root)::
 
     python scripts/train_mnist_classifier.py [--data-dir ../shared/datasets/mnist] [--epochs 3]
 
-Trains :class:`qmm_plugin.metrics.MNISTClassifier` on the full MNIST training set (60,000
+Trains :class:`qmm_plugin.paper.metrics.MNISTClassifier` on the full MNIST training set (60,000
 images, inputs scaled to [-1, 1]) with Adam (lr 2e-3, cosine decay, batch 128, small random
 translations of ±2 px), 2 CPU threads, then prints the test accuracy on t10k and saves the
 state_dict atomically (torch.save to a temporary file + os.replace).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qmm_plugin.metrics import MNISTClassifier  # noqa: E402
+from qmm_plugin.paper.metrics import MNISTClassifier  # noqa: E402
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -48,9 +48,9 @@ def _read_idx(path: Path) -> np.ndarray:
 def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N,28,28), labels int64 (N,)) for split 'train' or 'test'.
 
-    Uses ``qmm_plugin.data.load_mnist`` when available, else the private reader above."""
+    Uses ``qmm_plugin.paper.data.load_mnist`` when available, else the private reader above."""
     try:
-        from qmm_plugin.data import load_mnist
+        from qmm_plugin.paper.data import load_mnist
     except ImportError:
         load_mnist = None
     if load_mnist is not None:

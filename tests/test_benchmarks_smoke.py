@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the benchmark scripts import their sibling modules (_timing, run) as scripts do: from their folder
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _load_run():

@@ -1,4 +1,4 @@
-"""Tests for qmm_plugin.data (idx reader, MNIST incl. embedded subset, EMNIST, letters, folders)."""
+"""Tests for qmm_plugin.paper.data (idx reader, MNIST incl. embedded subset, EMNIST, letters, folders)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmm_plugin.data import (
+from qmm_plugin.paper.data import (
     EMBEDDED_MNIST_TEST_COUNT,
     EMBEDDED_MNIST_TRAIN_COUNT,
-    _write_idx,
+    write_idx,
     load_emnist,
     load_image_folder,
     load_mnist,
@@ -58,7 +58,7 @@ def test_idx_round_trip(tmp_path: Path, dtype: torch.dtype, name: str) -> None:
     g = torch.Generator().manual_seed(0)
     t = (torch.randn(4, 5, 3, generator=g) * 100).to(dtype)
     p = tmp_path / name
-    _write_idx(t, p)
+    write_idx(t, p)
     assert (p.read_bytes()[:2] == b"\x1f\x8b") == name.endswith(".gz")
     back = read_idx(p)
     assert back.dtype == dtype and back.shape == t.shape
@@ -139,8 +139,8 @@ def test_embedded_matches_full_mnist(split: str) -> None:
 def test_load_mnist_from_dir_plain_and_gz(tmp_path: Path) -> None:
     imgs = torch.arange(3 * 28 * 28).remainder(256).to(torch.uint8).reshape(3, 28, 28)
     labels = torch.tensor([3, 1, 4], dtype=torch.uint8)
-    _write_idx(imgs, tmp_path / "t10k-images-idx3-ubyte")  # plain
-    _write_idx(labels, tmp_path / "t10k-labels-idx1-ubyte.gz")  # gz
+    write_idx(imgs, tmp_path / "t10k-images-idx3-ubyte")  # plain
+    write_idx(labels, tmp_path / "t10k-labels-idx1-ubyte.gz")  # gz
     x, y = load_mnist(tmp_path, "test")
     assert torch.equal(x, imgs) and y.dtype == torch.int64 and y.tolist() == [3, 1, 4]
 
@@ -157,8 +157,8 @@ def test_load_mnist_missing_lists_paths(tmp_path: Path) -> None:
 
 
 def test_load_mnist_count_mismatch(tmp_path: Path) -> None:
-    _write_idx(torch.zeros(3, 28, 28, dtype=torch.uint8), tmp_path / "train-images-idx3-ubyte.gz")
-    _write_idx(torch.zeros(2, dtype=torch.uint8), tmp_path / "train-labels-idx1-ubyte.gz")
+    write_idx(torch.zeros(3, 28, 28, dtype=torch.uint8), tmp_path / "train-images-idx3-ubyte.gz")
+    write_idx(torch.zeros(2, dtype=torch.uint8), tmp_path / "train-labels-idx1-ubyte.gz")
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         load_mnist(tmp_path)
 
@@ -170,8 +170,8 @@ def test_load_emnist_transposes(tmp_path: Path) -> None:
     img = torch.zeros(1, 28, 28, dtype=torch.uint8)
     img[0, 0, :] = 255  # stored: a top row -> after fixing: a left column
     (tmp_path / "gzip").mkdir()
-    _write_idx(img, tmp_path / "gzip" / "emnist-letters-test-images-idx3-ubyte.gz")
-    _write_idx(torch.tensor([26], dtype=torch.uint8), tmp_path / "gzip" / "emnist-letters-test-labels-idx1-ubyte.gz")
+    write_idx(img, tmp_path / "gzip" / "emnist-letters-test-images-idx3-ubyte.gz")
+    write_idx(torch.tensor([26], dtype=torch.uint8), tmp_path / "gzip" / "emnist-letters-test-labels-idx1-ubyte.gz")
     x, y = load_emnist(tmp_path, "letters", train=False)
     assert x.shape == (1, 28, 28) and y.tolist() == [26] and y.dtype == torch.int64
     assert int(x[0, :, 0].min()) == 255 and int(x[0, 0, 1:].max()) == 0

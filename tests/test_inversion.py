@@ -271,7 +271,7 @@ def test_analytic_encoder_property(widths: list[int], z_dim: int, num_biases: in
 
 
 def test_analytic_encoder_errors() -> None:
-    from qmm_plugin.models.gan import MNISTGenerator
+    from qmm_plugin.paper.models.gan import MNISTGenerator
 
     q = qmm_plugin.convert(MNISTGenerator(), 2).eval()
     with pytest.raises(ValueError, match=r"'deconv\.0' \(ConvTranspose2d\)"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from qmm_plugin.metrics import (
+from qmm_plugin.paper.metrics import (
     DEFAULT_MAX_STRENGTH,
     MNISTFID,
     InceptionFID,
@@ -91,7 +91,7 @@ def test_frechet_from_samples_matches_stats() -> None:
 def _mnist_test_images() -> tuple[Tensor, Tensor]:
     """Embedded test subset if the data module ships one, else /work/shared t10k, else skip."""
     try:
-        from qmm_plugin.data import load_mnist
+        from qmm_plugin.paper.data import load_mnist
 
         return load_mnist(None, "test")
     except Exception:  # noqa: BLE001 - module or asset not there

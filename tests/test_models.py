@@ -1,4 +1,4 @@
-"""Shapes, parameter counts and helper maths of qmm_plugin.models (Appendix B/C architectures)."""
+"""Shapes, parameter counts and helper maths of qmm_plugin.paper.models (Appendix B/C architectures)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from qmm_plugin.models import (
+from qmm_plugin.paper.models import (
     GENERATOR_CONFIGS,
     BetaVAEEncoder,
     ChairCritic,

@@ -1,4 +1,4 @@
-"""Tests for qmm_plugin.viz (grids, PNG output) and qmm_plugin.io (atomic writes)."""
+"""Tests for qmm_plugin.paper.viz (grids, PNG output) and qmm_plugin.io (atomic writes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qmm_plugin.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from qmm_plugin.viz import make_grid, save_grid, save_image, save_manifold_grid
+from qmm_plugin.paper.viz import make_grid, save_grid, save_image, save_manifold_grid
 
 
 def _load_png(path: Path) -> tuple[str, tuple[int, int], list[int]]:

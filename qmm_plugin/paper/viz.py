@@ -6,7 +6,7 @@ written atomically (temp file in the same folder, then ``os.replace``).
 
 Example:
     >>> import os, tempfile, torch
-    >>> from qmm_plugin.viz import make_grid, save_grid
+    >>> from qmm_plugin.paper.viz import make_grid, save_grid
     >>> x = torch.rand(10, 1, 28, 28) * 2 - 1
     >>> make_grid(x, nrow=5).shape          # 2 rows x 5 columns, 2 px padding
     torch.Size([62, 152, 1])
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .io import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 __all__ = ["make_grid", "save_grid", "save_manifold_grid", "save_image"]
 

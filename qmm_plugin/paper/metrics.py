@@ -5,7 +5,7 @@ Every metric does its statistics in float64, whatever the dtype of its inputs.
 * :func:`frechet_distance` / :func:`frechet_distance_from_stats` — the Fréchet distance between
   two Gaussians fitted to feature sets (Heusel et al. 2017), with a scipy-free matrix square root.
 * :class:`MNISTClassifier` — a small CNN shipped with the package
-  (``qmm_plugin/_assets/mnist_classifier.pt``, trained by ``scripts/train_mnist_classifier.py``).
+  (``qmm_plugin/paper/_assets/mnist_classifier.pt``, trained by ``scripts/train_mnist_classifier.py``).
 * :class:`MNISTFID` — "MNIST-FID": the Fréchet distance on the penultimate features of that
   classifier. The paper does not say which feature network it used for MNIST, so numbers from
   this metric are *not* comparable with the paper's Table 1 FIDs; it is named MNIST-FID, not FID.
@@ -194,7 +194,7 @@ def load_mnist_classifier(path: str | os.PathLike[str] | None = None) -> MNISTCl
     """The shipped MNIST classifier in eval mode (weights from the package, never downloaded)."""
     model = MNISTClassifier()
     if path is None:
-        ref = resources.files("qmm_plugin") / "_assets" / "mnist_classifier.pt"
+        ref = resources.files("qmm_plugin.paper") / "_assets" / "mnist_classifier.pt"
         with resources.as_file(ref) as p:
             if not p.exists():
                 raise FileNotFoundError(

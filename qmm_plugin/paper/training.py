@@ -15,7 +15,8 @@
 * :func:`tune_cpu_allocator` — keep freed tensor memory in the process heap (glibc), so a CPU
   training loop does not page-fault its large activations in afresh every step.
 
-The examples import this file as ``_common`` (they put their own folder on ``sys.path``).
+The examples, the study (``benchmarks/reproduce_table1.py``) and the benchmarks import it as
+``qmm_plugin.paper.training``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, steps: int, ba
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-alloc-tuning", action="store_true",
                    help="leave glibc's malloc thresholds as they are (default on CPU: raise them, see "
-                        "tune_cpu_allocator in examples/_common.py)")
+                        "tune_cpu_allocator in qmm_plugin/paper/training.py)")
     g.add_argument("--smoke", action="store_true",
                    help="a few steps with a tiny batch and a small FID sample (for tests; seconds)")
 
@@ -398,10 +399,10 @@ def seed_all(seed: int) -> None:
 
 @torch.no_grad()
 def mnist_fid(sample: Any, n: int, real: Tensor, batch: int = 500) -> float:
-    """MNIST-FID (:class:`qmm_plugin.metrics.MNISTFID`) of ``n`` images from ``sample(k) -> (k,1,28,28)``
+    """MNIST-FID (:class:`qmm_plugin.paper.metrics.MNISTFID`) of ``n`` images from ``sample(k) -> (k,1,28,28)``
     in [-1, 1] (or of the images themselves when ``sample`` is a tensor) against ``real``
     (uint8 ``(N, 28, 28)`` or float in [-1, 1])."""
-    from qmm_plugin.metrics import MNISTFID
+    from qmm_plugin.paper.metrics import MNISTFID
 
     fid = MNISTFID()
     fid.update(real, real=True)
