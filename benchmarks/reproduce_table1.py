@@ -266,7 +266,7 @@ def load_vae(run_dir: Path) -> tuple[nn.Module, nn.Module]:
     from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
 
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        q = qmm_plugin.convert(beta_vae_decoder(Z_DIM), num_biases=ckpt["settings"]["num_biases"])
+    q = qmm_plugin.convert(beta_vae_decoder(Z_DIM), num_biases=ckpt["settings"]["num_biases"])
     q.load_state_dict(ckpt["modules"]["decoder"])
     enc = BetaVAEEncoder(Z_DIM)
     enc.load_state_dict(ckpt["modules"]["encoder"])
