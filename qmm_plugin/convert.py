@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .layer import Manifold, ManifoldSelection, MultiBiasLinear
+from ._checks import check_finite_state, check_real
+from .layer import Manifold, ManifoldSelection, MultiBiasLinear, check_explicit_bias
 from .regularizer import DEFAULT_EPS, ba_regularizer_terms, tangential_spread
 
 if TYPE_CHECKING:
@@ -124,8 +125,9 @@ def convert(model: nn.Module, num_biases: int, *, include: str | Sequence[str] |
         raise ValueError(
             "convert: the model is already converted (it contains MultiBiasLinear layers); use the "
             "existing QuotientModel, or q.merge(manifold=i) to get a plain model back first")
-    if init_std is not None and init_std < 0:
-        raise ValueError(f"init_std must be >= 0 (or None for the default), got {init_std}")
+    if init_std is not None:
+        init_std = check_real(init_std, "init_std", low=0.0,
+                              meaning="std of the per-manifold bias noise; None for the default")
     chosen = _select_linears(model, _as_patterns(include, "include"), _as_patterns(exclude, "exclude"))
     for path, linear in chosen:
         layer = MultiBiasLinear.from_linear(linear, num_biases, init_std)
@@ -175,6 +177,7 @@ class QuotientModel(nn.Module):
         self.last_manifold: Tensor | None = None
         layers = self.multi_bias_layers()
         self._out_features = {p: m.out_features for p, m in layers.items()}
+        self._layer_at = layers
         # the layers a forward hands its ManifoldSelection to (no module walk per call)
         self._layers: tuple[MultiBiasLinear, ...] = tuple(layers.values())
 
@@ -221,10 +224,7 @@ class QuotientModel(nn.Module):
             raise ValueError(f"biases covers {sorted(biases)} but not {sorted(missing)}; give those too, or "
                              "pass manifold= for the layers left out")
         for path, b in biases.items():
-            out = self._out_features[path]
-            if not isinstance(b, Tensor) or b.shape[-1:] != (out,) or b.dim() not in (1, 2):
-                shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-                raise ValueError(f"biases['{path}'] must have shape ({out},) or (B, {out}), got {shape}")
+            check_explicit_bias(b, self._layer_at[path].weight, f"biases['{path}']")
 
     def forward(self, *args: Any, manifold: Manifold | None = None, biases: dict[str, Tensor] | None = None,
                 return_regularizer: bool = False, **kwargs: Any) -> Any:
@@ -276,9 +276,11 @@ class QuotientModel(nn.Module):
         carrying bias ``manifold``: the generator of that one manifold, loadable without
         qmm_plugin (like PEFT's ``merge_and_unload``). Equals ``q(..., manifold=manifold)``.
         """
+        if isinstance(manifold, bool) or not isinstance(manifold, int):
+            fix = " (for a 0-dim tensor t: merge(int(t)))" if isinstance(manifold, Tensor) else ""
+            raise TypeError(f"merge(manifold=...) takes one int in 0..{self.num_biases - 1}: a plain model has "
+                            f"one bias per layer; got {type(manifold).__name__}{fix}")
         self._check_manifold(manifold)
-        if not isinstance(manifold, int):
-            raise TypeError("merge(manifold=...) takes one int: a plain model has one bias per layer")
         layers = self.multi_bias_layers()
         if "" in layers:
             return layers[""].to_linear(manifold).train(self.model.training)

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import check_finite_state, check_int, check_real
 from .layer import MultiBiasLinear
 from .regularizer import DEFAULT_EPS, tangential_basis
 
@@ -174,22 +176,113 @@ def _infer_z_dim(q: QuotientModel, z_dim: int | None) -> int:
     return first.in_features
 
 
-def _probe_output_shape(q: QuotientModel, z_dim: int, like: Tensor) -> torch.Size:
+@dataclass(frozen=True)
+class _OutputRange:
+    """The value range of the generator's images: bounded by a final activation (``exact``) or
+    seen in a few samples (``exact=False``); ``source`` says which, for messages."""
+
+    low: float
+    high: float
+    source: str
+    exact: bool
+
+
+#: Samples drawn by the probe forward of :func:`invert` (shape and value range of the output).
+PROBE_SAMPLES = 16
+#: Without a known final activation, images whose largest magnitude exceeds this many times the
+#: largest magnitude of the probe samples are warned about (e.g. [0, 255] images for a generator
+#: that makes values near [-1, 1]).
+SAMPLE_RANGE_FACTOR = 10.0
+
+
+def _activation_range(m: nn.Module) -> tuple[float, float] | None:
+    if isinstance(m, nn.Tanh):
+        return -1.0, 1.0
+    if isinstance(m, nn.Sigmoid):
+        return 0.0, 1.0
+    if isinstance(m, nn.Hardtanh):  # also ReLU6
+        return float(m.min_val), float(m.max_val)
+    return None
+
+
+def _probe_output(q: QuotientModel, z_dim: int, like: Tensor) -> tuple[torch.Size, _OutputRange]:
+    """One forward of :data:`PROBE_SAMPLES` codes on random manifolds (fixed seed, the global RNG
+    untouched): the image shape and the output range, exact when the output is that of a final
+    Tanh/Sigmoid/Hardtanh module."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(PROBE_SAMPLES, z_dim, generator=gen, dtype=like.dtype).to(like.device)
+    index = torch.randint(0, q.num_biases, (PROBE_SAMPLES,), generator=gen).to(like.device)
+    last: list[tuple[nn.Module, object]] = []
+
+    def hook(m: nn.Module, _args: tuple[object, ...], out: object) -> None:
+        last[:] = [(m, out)]
+
+    handles = [m.register_forward_hook(hook) for m in q.model.modules() if not list(m.children())]
     try:
         with _frozen_eval(q), torch.no_grad():
-            out = q(torch.zeros(1, z_dim, device=like.device, dtype=like.dtype), manifold=0)
+            out = q(z, manifold=index)
     except Exception as err:  # re-raised with the fix
         raise ValueError(
             f"could not run the generator on a latent code of size z_dim={z_dim} ({err}); pass "
             "z_dim= (the generator's latent size) to invert") from err
+    finally:
+        for h in handles:
+            h.remove()
     if not isinstance(out, Tensor):
         raise TypeError(f"invert needs a generator that returns one tensor, got {type(out).__name__}")
-    return out.shape[1:]
+    if last:
+        module, final = last[0]
+        bounds = _activation_range(module)
+        same_values = (isinstance(final, Tensor) and final.numel() == out.numel()
+                       and final.data_ptr() == out.data_ptr())
+        if bounds is not None and same_values:
+            return out.shape[1:], _OutputRange(*bounds, f"ends in {type(module).__name__}", exact=True)
+    lo, hi = float(out.min()), float(out.max())
+    return out.shape[1:], _OutputRange(lo, hi, f"made {PROBE_SAMPLES} samples", exact=False)
+
+
+def _rescale_hint(x_lo: float, x_hi: float, r: _OutputRange) -> str:
+    """``x * a + b`` mapping the usual image range x appears to be in onto ``r`` (or '')."""
+    for s_lo, s_hi in ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)):
+        if s_lo <= x_lo and x_hi <= s_hi and (s_lo, s_hi) != (r.low, r.high):
+            scale = (r.high - r.low) / (s_hi - s_lo)
+            shift = r.low - s_lo * scale
+            mul = f"x * {scale:g}" if scale >= 1 else f"x / {1 / scale:g}"
+            add = "" if shift == 0 else f" {'+' if shift > 0 else '-'} {abs(shift):g}"
+            return f"; images in [{s_lo:g}, {s_hi:g}]? use {mul}{add}"
+    return ""
+
+
+def _warn_outside_range(x: Tensor, r: _OutputRange) -> None:
+    """Warn when the images cannot come from the generator's value range (Eq. 3 then fits
+    something else: a tanh generator reaches 0.2 loss on [0, 1] MNIST digits against 2e-4 on
+    [-1, 1] ones). Exact range: x beyond it, or x confined to its upper half while the range is
+    symmetric around 0 (images in [0, 1] for a tanh generator). Sampled range: x's largest
+    magnitude above :data:`SAMPLE_RANGE_FACTOR` times the samples'."""
+    x_lo, x_hi = float(x.min()), float(x.max())
+    span = r.high - r.low
+    if r.exact:
+        outside = x_lo < r.low - 1e-3 * span or x_hi > r.high + 1e-3 * span
+        upper_half = r.low == -r.high and x_lo >= 0 and x_hi > 0
+        if not (outside or upper_half):
+            return
+        where = "beyond" if outside else "only in the upper half of"
+    else:
+        scale = max(abs(r.low), abs(r.high))
+        if max(abs(x_lo), abs(x_hi)) <= SAMPLE_RANGE_FACTOR * scale:
+            return
+        where = f"more than {SAMPLE_RANGE_FACTOR:g}x beyond"
+    warnings.warn(
+        f"invert: the images span [{x_lo:.4g}, {x_hi:.4g}], {where} the values the generator makes "
+        f"(it {r.source}: [{r.low:.4g}, {r.high:.4g}]); Eq. 3 then fits the wrong images. Rescale x to the "
+        f"generator's range{_rescale_hint(x_lo, x_hi, r) if r.exact else ''}", UserWarning, stacklevel=3)
 
 
 def _check_images(x: Tensor, shape: torch.Size, like: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor of images (B, {', '.join(map(str, shape))}), got {type(x).__name__}")
+    if x.dim() >= 1 and x.shape[0] == 0 and tuple(x.shape[1:]) == tuple(shape):
+        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); pass at least one image")
     if tuple(x.shape[1:]) != tuple(shape) or x.shape[0] < 1:
         single = tuple(x.shape) == tuple(shape)
         hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if single else ""
@@ -309,6 +402,9 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
     Args:
         q: the converted generator.
         x: ``(B, *image_shape)`` images in the generator's output range, on its device and dtype.
+            Finite values only (else ``ValueError``). Images outside the range a final
+            Tanh/Sigmoid/Hardtanh module produces (or, without one, far beyond the range of a
+            few samples) get a ``UserWarning`` naming both ranges and the rescaling.
         steps: cap on Adam steps (the fit stops earlier once every image converged).
         lr: Adam learning rate (paper: 0.1).
         mu: weight of the log penalty of Eq. 3 (``bias_mode="penalty"`` only; paper: 0.05).
@@ -328,6 +424,10 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
         seed: seed of the random starting codes :math:`z \sim \mathcal N(0, I)`.
         progress: show a tqdm bar.
 
+    Runs with autograd on also when called under ``torch.no_grad()`` or
+    ``torch.inference_mode()``. Refuses a model with a NaN/inf parameter or buffer (the fit would
+    only return NaN).
+
     Returns:
         an :class:`Inversion`.
 
@@ -344,15 +444,14 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
 
     if not isinstance(q, QuotientModel):
         raise TypeError(f"invert expects a QuotientModel (from qmm_plugin.convert), got {type(q).__name__}")
-    for name, value in (("steps", steps), ("restarts", restarts), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu >= 0):
-        raise ValueError(f"mu must be a finite number >= 0 (the weight of the log penalty of Eq. 3), got {mu!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    check_int(steps, "steps", meaning="cap on Adam steps")
+    check_int(restarts, "restarts", meaning="random starts per image")
+    check_int(window, "window", meaning="steps per plateau check")
+    mu = check_real(mu, "mu", low=0.0, meaning="the weight of the log penalty of Eq. 3")
+    lr = check_real(lr, "lr", low=0.0, low_open=True, meaning="Adam learning rate")
+    tol = check_real(tol, "tol", low=0.0, meaning="relative improvement per window that counts as progress")
+    min_lr_ratio = check_real(min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0,
+                              meaning="an image is done once its step size fell below lr * min_lr_ratio")
     if manifolds not in ("free", "trained"):
         raise ValueError(f"manifolds must be 'free' (Eq. 3, free biases) or 'trained' (the A trained biases), "
                          f"got {manifolds!r}")
@@ -360,9 +459,23 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
         raise ValueError(f"bias_mode must be 'normal' (exact tangential constraint) or 'penalty' (the paper's "
                          f"soft log penalty), got {bias_mode!r}")
     like = _param_like(q)
+    check_finite_state(q, "invert")
     d = _infer_z_dim(q, z_dim)
-    shape = _probe_output_shape(q, d, like)
+    shape, out_range = _probe_output(q, d, like)
     _check_images(x, shape, like)
+    _warn_outside_range(x, out_range)
+    # evaluation code runs under no_grad/inference_mode as a rule; the fit needs autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_eq3(q, x.clone() if x.is_inference() else x, d, steps=steps, lr=lr, mu=mu,
+                        restarts=restarts, manifolds=manifolds, bias_mode=bias_mode, tol=tol, window=window,
+                        min_lr_ratio=min_lr_ratio, seed=seed, progress=progress)
+
+
+def _fit_eq3(q: QuotientModel, x: Tensor, d: int, *, steps: int, lr: float, mu: float, restarts: int,
+             manifolds: ManifoldMode, bias_mode: BiasMode, tol: float, window: int, min_lr_ratio: float,
+             seed: int | None, progress: bool) -> Inversion:
+    """The body of :func:`invert` once its arguments are checked (autograd on)."""
+    like = _param_like(q)
     layers = q.multi_bias_layers()
     a = q.num_biases
     b = x.shape[0]

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int, check_real
 from .ops import bank_linear, bank_linear_spread, rows_linear
 
-__all__ = ["MultiBiasLinear", "ManifoldSelection", "Manifold"]
+__all__ = ["MultiBiasLinear", "ManifoldSelection", "Manifold", "check_explicit_bias"]
 
 #: A manifold choice: one index for the whole batch, or a ``(B,)`` integer tensor.
 Manifold = int | Tensor
@@ -79,6 +80,22 @@ class ManifoldSelection:
         return index
 
 
+def check_explicit_bias(bias: object, weight: Tensor, name: str) -> None:
+    """Refuse an explicit bias that the layer with ``weight`` (``(out, in)``) cannot add: not a
+    tensor, not ``(out,)`` or ``(B, out)``, another dtype or another device than the weight."""
+    out = weight.shape[0]
+    if not isinstance(bias, Tensor) or bias.shape[-1:] != (out,) or bias.dim() not in (1, 2):
+        shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"{name} must have shape ({out},) or (B, {out}), got {shape}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {bias.dtype} but the layer computes in {weight.dtype}; "
+                        f"pass it as {name}.to({weight.dtype})")
+    # .is_cpu first: two torch.device objects cost ~1.6 us, and inversion calls this every step
+    if bias.is_cpu != weight.is_cpu or (not bias.is_cpu and bias.device != weight.device):
+        raise ValueError(f"{name} is on {bias.device} but the layer's weight is on {weight.device}; "
+                         f"move it with .to({str(weight.device)!r})")
+
+
 class MultiBiasLinear(nn.Module):
     r"""``y = x W^T + a^{(i)}``: an ``nn.Linear`` whose bias is chosen per sample from a bank.
 
@@ -102,6 +119,9 @@ class MultiBiasLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_biases: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int(in_features, "in_features", minimum=0)
+        check_int(out_features, "out_features", minimum=1)
+        check_int(num_biases, "num_biases", meaning="the number of manifolds A")
         self.in_features = in_features
         self.out_features = out_features
         self.num_biases = num_biases
@@ -126,7 +146,8 @@ class MultiBiasLinear(nn.Module):
         initialisation. A ``bias=False`` layer starts from zero.
         """
         w = linear.weight
-        std = 1.0 / math.sqrt(3 * max(linear.in_features, 1)) if init_std is None else init_std
+        std = (1.0 / math.sqrt(3 * max(linear.in_features, 1)) if init_std is None
+               else check_real(init_std, "init_std", low=0.0, meaning="std of the per-manifold bias noise"))
         with torch.no_grad():
             base = linear.bias if linear.bias is not None else torch.zeros_like(w[:, 0])
             bank = base.detach().expand(num_biases, -1).clone()
@@ -148,6 +169,7 @@ class MultiBiasLinear(nn.Module):
 
     def forward(self, x: Tensor, manifold: Manifold | None = None, bias: Tensor | None = None) -> Tensor:
         if bias is not None:
+            check_explicit_bias(bias, self.weight, "bias")
             return self._explicit(x, bias)
         sel = self.selection
         if manifold is not None:

@@ -105,7 +105,8 @@ def _per_sample(grad: Tensor) -> Tensor:
     return grad if grad.dim() == 2 else grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
 
 
-def _check_shapes(x: Tensor, weight: Tensor, rows: int, what: str) -> None:
+def _check_shapes(x: Tensor, weight: Tensor, rows: int, what: str, bias: Tensor) -> None:
+    """Shapes of one op call; ``bias`` is the bank ``(A, out)`` or the explicit rows ``(B, out)``."""
     if x.dim() < 2:
         raise ValueError(f"qmm_plugin.ops: x must be (B, ..., in_features), got shape {tuple(x.shape)}")
     if x.shape[-1] != weight.shape[1]:
@@ -113,6 +114,10 @@ def _check_shapes(x: Tensor, weight: Tensor, rows: int, what: str) -> None:
             f"qmm_plugin.ops: x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
     if rows != x.shape[0]:
         raise ValueError(f"qmm_plugin.ops: {what} has {rows} rows but the batch has {x.shape[0]}")
+    if bias.dim() != 2 or bias.shape[1] != weight.shape[0]:
+        kind = "bank" if what == "index" else "bias"
+        raise ValueError(f"qmm_plugin.ops: {kind} must be 2-D with weight.shape[0] = {weight.shape[0]} columns, "
+                         f"got shape {tuple(bias.shape)}")
 
 
 # ------------------------------------------------------------------------------ segment sum
@@ -142,7 +147,7 @@ def multi_bias_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) ->
         bank: ``(A, out)``, the bias bank (one row per manifold).
         index: ``(B,)`` integer manifold index per sample, values in ``[0, A)``.
     """
-    _check_shapes(x, weight, index.shape[0], "index")
+    _check_shapes(x, weight, index.shape[0], "index", bank)
     return _affine_rows(x, weight, bank.index_select(0, index), owned=True)
 
 
@@ -190,7 +195,7 @@ def _few_rows_mm(a: Tensor, b: Tensor) -> Tensor:
 @torch.library.custom_op("qmm::multi_bias_linear_spread", mutates_args=())
 def _spread_op(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, spread, P, P W^T)``; the last two are kept for the backward (not differentiable)."""
-    _check_shapes(x, weight, index.shape[0], "index")
+    _check_shapes(x, weight, index.shape[0], "index", bank)
     proj = _few_rows_mm(bank - bank.mean(0, keepdim=True), weight)  # (A, in): rows W^T (a_i - a_bar)
     batch, rows = x.shape[0], x.numel() // max(x.shape[-1], 1)
     acc = bank.new_empty((rows + proj.shape[0], weight.shape[0]))
@@ -281,7 +286,7 @@ def sample_bias_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     The explicit form of :func:`multi_bias_linear`, used when each sample carries its own free
     biases (inversion, Eq. 3; derived manifolds). ``bias`` must be ``(B, out)``.
     """
-    _check_shapes(x, weight, bias.shape[0], "bias")
+    _check_shapes(x, weight, bias.shape[0], "bias", bias)
     return _affine_rows(x, weight, bias)
 
 
@@ -323,7 +328,7 @@ def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tenso
     """
     if not _eager_reference(x):
         return multi_bias_linear(x, weight, bank, index)
-    _check_shapes(x, weight, index.shape[0], "index")
+    _check_shapes(x, weight, index.shape[0], "index", bank)
     return _affine_rows(x, weight, bank.index_select(0, index), owned=True)
 
 
@@ -353,5 +358,5 @@ def rows_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     result, dispatched like :func:`bank_linear` (custom op when compiling or off the CPU)."""
     if not _eager_reference(x):
         return sample_bias_linear(x, weight, bias)
-    _check_shapes(x, weight, bias.shape[0], "bias")
+    _check_shapes(x, weight, bias.shape[0], "bias", bias)
     return _affine_rows(x, weight, bias)

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ._checks import check_finite_state, check_real
 from .layer import MultiBiasLinear
 
 __all__ = ["bias_spread", "ba_regularizer_terms", "tangential_spread", "tangential_basis", "align_biases_"]
@@ -61,8 +62,8 @@ def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEF
     (:func:`~qmm_plugin.ops.multi_bias_linear_spread`, ``q(..., return_regularizer=True)``); the
     other layers compute theirs here.
     """
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0 so that identical biases give a finite R_BA, got {eps}")
+    eps = check_real(eps, "eps", low=0.0, low_open=True,
+                     meaning="inside the log of Eq. 2, so that identical biases give a finite R_BA")
     given = spreads or {}
     return {path: torch.log((given[path] if path in given else bias_spread(m.weight, m.bias_bank)) + eps)
             for path, m in layers.items()}
@@ -104,6 +105,7 @@ def tangential_spread(layers: Mapping[str, MultiBiasLinear]) -> dict[str, float]
     """
     out: dict[str, float] = {}
     for path, m in layers.items():
+        check_finite_state(m, f"tangential_spread, layer '{path}'")
         w = m.weight.detach().double()
         bank = m.bias_bank.detach().double()
         centred = bank - bank.mean(0, keepdim=True)
@@ -141,6 +143,8 @@ def align_biases_(model: object) -> object:
     layers = [m for m in model.modules() if isinstance(m, MultiBiasLinear)]
     if not layers:
         raise ValueError("align_biases_: the model has no MultiBiasLinear layer; call qmm_plugin.convert first")
+    for m in layers:
+        check_finite_state(m, f"align_biases_, layer '{m.path}'")
     for m in layers:
         q = tangential_basis(m.weight)
         bank = m.bias_bank.double()

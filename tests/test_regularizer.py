@@ -106,7 +106,7 @@ def test_degenerate_banks_are_finite(a: int) -> None:
     np.testing.assert_allclose(float(r.detach()), 2 * np.log(1e-8), rtol=1e-5)
     for layer in q.multi_bias_layers().values():
         assert torch.isfinite(layer.bias_bank.grad).all() and torch.isfinite(layer.weight.grad).all()
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match=r"eps \(inside the log of Eq. 2.*\) must be a finite number > 0, got 0"):
         q.ba_regularizer(eps=0.0)
 
 
