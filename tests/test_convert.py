@@ -323,6 +323,12 @@ def test_bad_manifold_index() -> None:
         q(z, manifold=3)
     with pytest.raises(ValueError, match=r"values span 0\.\.5 but this model has A=3"):
         q(z, manifold=torch.tensor([0, 5, 1, 1]))
+    # the boundary: index A is refused, A - 1 is the last manifold (int and tensor forms)
+    with pytest.raises(ValueError, match=r"values span 0\.\.3 but this model has A=3"):
+        q(z, manifold=torch.tensor([0, 3, 1, 1]))
+    torch.testing.assert_close(q(z, manifold=torch.tensor([2, 2, 2, 2])), q(z, manifold=2))
+    with pytest.raises(ValueError, match=r"values span 0\.\.3 but this model has A=3"):
+        q.model[0](z, manifold=torch.tensor([0, 3, 1, 1]))  # a layer called on its own
     with pytest.raises(ValueError, match=r"values span -1\.\.1"):
         q(z, manifold=torch.tensor([0, -1, 1, 1]))
     with pytest.raises(ValueError, match=r"batch of 4 samples but the manifold index has 3 entries"):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qmm_plugin
+from qmm_plugin.inversion import analytic_encoder
 from qmm_plugin.regularizer import bias_spread, tangential_basis
 
 dims = st.tuples(st.integers(1, 6), st.integers(1, 10)).map(lambda t: (t[0], t[0] + t[1]))  # d_z < d_x
@@ -23,22 +24,45 @@ def _full_rank(d_x: int, d_z: int, rng: np.random.Generator) -> np.ndarray:
     return u
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(dims=dims, a=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
 def test_proposition1_single_layer(dims: tuple[int, int], a: int, seed: int) -> None:
-    """h_E(x) = W^T x + b with W = U (U^T U)^-1, b = -W^T a_par inverts every f_i(z) = U z + a_i."""
+    """Proposition 1 through the package: biases a_i = a_par + a_perp^(i) (shared tangential part,
+    built with NumPy's projector) give tangential_spread 0, are left as they are by align_biases_,
+    and analytic_encoder inverts every f_i(z) = U z + a_i as h_E(x) = W^T x + b with
+    W = U (U^T U)^-1, b = -W^T a_par. Moving one bias tangentially breaks all three."""
     d_z, d_x = dims
     rng = np.random.default_rng(seed)
     u = _full_rank(d_x, d_z, rng)
     proj = u @ np.linalg.solve(u.T @ u, u.T)  # projector onto col(U)
     a_par = proj @ rng.standard_normal(d_x)
     normals = (np.eye(d_x) - proj) @ rng.standard_normal((d_x, a))  # a_perp^(i), one column each
+    bank = (a_par[:, None] + normals).T  # (A, d_x)
+    q = qmm_plugin.convert(nn.Sequential(nn.Linear(d_z, d_x)).double(), num_biases=a)
+    layer = q.model[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(u))
+        layer.bias_bank.copy_(torch.from_numpy(bank))
+    assert qmm_plugin.regularizer.tangential_spread({"l": layer})["l"] < 1e-20
+    qmm_plugin.align_biases_(q)
+    np.testing.assert_allclose(layer.bias_bank.detach().numpy(), bank, rtol=1e-9, atol=1e-9)
+    encoder = analytic_encoder(q)
     w = u @ np.linalg.inv(u.T @ u)
     b = -w.T @ a_par
-    z = rng.standard_normal((d_z, 7))
-    for i in range(a):
-        x = u @ z + (a_par + normals[:, i])[:, None]
-        np.testing.assert_allclose(w.T @ x + b[:, None], z, rtol=1e-9, atol=1e-9)
+    z = rng.standard_normal((7, d_z))
+    with torch.no_grad():
+        for i in range(a):
+            x = q(torch.from_numpy(z), manifold=i)
+            h = encoder(x).numpy()
+            np.testing.assert_allclose(h, z, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(h, x.numpy() @ w + b, rtol=1e-9, atol=1e-9)
+    if a > 1:  # a tangential move of bias 0: the bank no longer satisfies Proposition 1
+        with torch.no_grad():
+            layer.bias_bank[0] += torch.from_numpy(u[:, 0])
+        assert qmm_plugin.regularizer.tangential_spread({"l": layer})["l"] > 1e-3
+        with torch.no_grad():
+            moved = analytic_encoder(q)(q(torch.from_numpy(z), manifold=0)).numpy()
+        assert np.abs(moved - z).max() > 1e-3
 
 
 @settings(max_examples=50, deadline=None)
@@ -116,6 +140,8 @@ def test_tangential_basis_handles_rank_deficient_weight() -> None:
     q = tangential_basis(w)
     assert q.shape == (6, 2)
     torch.testing.assert_close(q.t() @ q, torch.eye(2, dtype=torch.float64))
+    # span: Q Q^T fixes every column of W (col(W) in span(Q)), and both have dimension 2
+    torch.testing.assert_close(q @ (q.t() @ w.double()), w.double(), rtol=0, atol=1e-12)
 
 
 @settings(max_examples=15, deadline=None)
