@@ -338,14 +338,15 @@ class _BiasParams:
         return dict(self.params)
 
     @torch.no_grad()
-    def project_(self) -> None:
+    def project_(self, active: Tensor) -> None:
         """Normal mode: ``a <- a - Q Q^T (a - a_bar)``, the exact tangential constraint (after each
-        step). Two thin matmuls per layer; no ``(out, out)`` projector is formed."""
+        step), on the rows where ``active`` is true (a done row keeps every bit). Two thin matmuls
+        per layer; no ``(out, out)`` projector is formed."""
         if self.mode != "normal":
             return
         for p, a in self.params.items():
             q = self.basis[p]
-            a.sub_(((a - self.mean[p]) @ q) @ q.t())
+            a.sub_(torch.where(active.unsqueeze(1), ((a - self.mean[p]) @ q) @ q.t(), 0.0))
 
     def penalty(self, biases: dict[str, Tensor]) -> Tensor | None:
         """``mu * sum_l log(||W_l^T (a_l - a_bar_l)||^2 + eps)`` per row (penalty mode only)."""
@@ -528,7 +529,7 @@ def _fit_eq3(q: QuotientModel, x: Tensor, d: int, *, steps: int, lr: float, mu: 
             loss.sum().backward()
             opt.step(~done)
             if bias_params is not None:
-                bias_params.project_()
+                bias_params.project_(~done)
             ran = step + 1
             if ran % window == 0:
                 with torch.no_grad():

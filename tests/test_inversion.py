@@ -335,3 +335,36 @@ def test_fit_stops_on_convergence_before_the_cap() -> None:
     cap = inv.steps + 100
     capped = q.invert(x, steps=cap, seed=0, tol=0.0, min_lr_ratio=0.0)  # schedule off: runs to the cap
     assert capped.steps == cap
+
+
+def test_finished_images_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image whose step size fell below ``lr * min_lr_ratio`` is done: its code and biases stop
+    changing while the other images of the batch keep fitting. Image 0 is made to finish at the
+    first window check by starting its step size just below the threshold (Adam would still move
+    it at that step size if the done mask were ignored)."""
+    lr, ratio, window = 0.1, 1e-3, 10
+    base = invert.__globals__["_RowAdam"]  # the optimiser class invert uses, wherever it is defined
+    trace: list[tuple[bool, list[torch.Tensor]]] = []
+
+    class SlowFirstRow(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.lr[0] = 0.5 * lr * ratio
+
+        def step(self, active: torch.Tensor) -> None:
+            trace.append((bool(active[0]), [p.detach()[:2].clone() for p in self.params]))
+            super().step(active)
+
+    monkeypatch.setitem(invert.__globals__, "_RowAdam", SlowFirstRow)
+    q = aligned_mlp(7)
+    x = torch.randn(2, 100, generator=torch.Generator().manual_seed(11))  # off every manifold
+    inv = invert(q, x, steps=5 * window, lr=lr, min_lr_ratio=ratio, window=window, seed=0)
+    assert inv.steps == 5 * window and len(trace) == inv.steps  # image 1 ran to the cap
+    assert [active for active, _ in trace] == [True] * window + [False] * (4 * window)
+    frozen = trace[window][1]
+    for _, rows in trace[window:]:
+        for got, ref in zip(rows, frozen, strict=True):
+            assert torch.equal(got[0], ref[0])  # image 0: not one bit changes once done
+    assert all(not torch.equal(a[1], b[1]) for a, b in zip(trace[-1][1], frozen, strict=True))  # image 1 moved
+    before = trace[window - 1][1]
+    assert not torch.equal(before[0][0], frozen[0][0])  # image 0 moved while it was active
