@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 import qmm_plugin
+from qmm_plugin.paper import vae_em
 from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
 from qmm_plugin.paper.vae_em import decode_all_manifolds, em_losses
 
@@ -29,6 +33,39 @@ def test_em_responsibilities_sum_to_one_and_pick_the_best_decoder() -> None:
     terms = em_losses(q, enc, x, beta=4.0)
     torch.testing.assert_close(terms["gamma"].sum(0), torch.ones(3))
     assert torch.isfinite(terms["loss"]) and terms["loss"].requires_grad
+
+
+def test_em_responsibilities_match_a_hand_computed_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A = 3 decoders whose Bernoulli logits differ only at pixel 0 (target 1 there, 1/2 elsewhere):
+    p(pixel 0) = σ(logit) gives γ ∝ p by hand; the E-step must pick the best decoder per sample
+    and the M-step gradient must hold γ fixed (Appendix C)."""
+    log3 = math.log(3.0)
+    logits = torch.zeros(3, 2, 1, 28, 28, dtype=torch.float64)
+    logits[:, 0, 0, 0, 0] = torch.tensor([0.0, log3, -log3])  # sample 0: p = 1/2, 3/4, 1/4
+    logits[:, 1, 0, 0, 0] = torch.tensor([-log3, 0.0, log3])  # sample 1: p = 1/4, 1/2, 3/4
+    logits.requires_grad_(True)
+    monkeypatch.setattr(vae_em, "decode_all_manifolds", lambda q, z, return_regularizer=False: logits)
+
+    class ZeroEncoder(torch.nn.Module):  # mu = logvar = 0: the KL term is 0
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.new_zeros(x.shape[0], 8), x.new_zeros(x.shape[0], 8)
+
+    x = torch.zeros(2, 1, 28, 28, dtype=torch.float64)  # target (x + 1) / 2 = 1/2 ...
+    x[:, 0, 0, 0] = 1.0  # ... except pixel 0, target 1
+    terms = em_losses(None, ZeroEncoder(), x, beta=4.0)
+    p0 = torch.tensor([[1 / 2, 1 / 4], [3 / 4, 1 / 2], [1 / 4, 3 / 4]], dtype=torch.float64)  # (A, B)
+    gamma = p0 / p0.sum(0)  # [[1/3, 1/6], [1/2, 1/3], [1/6, 1/2]]
+    torch.testing.assert_close(terms["gamma"], gamma, rtol=1e-6, atol=1e-9)
+    assert terms["gamma"].argmax(0).tolist() == [1, 2]  # the best decoder of each sample
+    rest = 783 * math.log(2.0)  # the 783 pixels at logit 0, target 1/2: -log p = log 2 each
+    log_p = p0.log() - rest
+    torch.testing.assert_close(terms["log_px_best"], log_p.max(0).values.mean(), rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(terms["nll"], -(gamma * log_p).sum(0).mean(), rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(terms["kl"], torch.tensor(0.0, dtype=torch.float64))
+    torch.testing.assert_close(terms["loss"], terms["nll"])
+    # M-step: γ is held fixed, so d loss / d logit_i (pixel 0) = -γ_i (1 - p_i) / B
+    (grad,) = torch.autograd.grad(terms["loss"], logits)
+    torch.testing.assert_close(grad[:, :, 0, 0, 0], -gamma * (1 - p0) / 2, rtol=1e-6, atol=1e-9)
 
 
 def test_em_loss_takes_r_ba_from_the_decoder_forward() -> None:
