@@ -42,12 +42,9 @@ def test_tiny_layer_run_writes_results(tmp_path: Path) -> None:
 
 def test_unknown_section_is_rejected(tmp_path: Path, capsys) -> None:
     run = _load_run()
-    try:
+    with pytest.raises(SystemExit) as exit_info:
         run.main(["--tiny", "--sections", "nope", "--out", str(tmp_path)])
-    except SystemExit as e:
-        assert e.code == 2
-    else:
-        raise AssertionError("an unknown section must be rejected")
+    assert exit_info.value.code == 2
     assert "unknown sections" in capsys.readouterr().err
 
 

@@ -4,7 +4,6 @@ and the Appendix D disentanglement score."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,6 @@ from qmm_plugin.paper.metrics import (
     frechet_distance_from_stats,
     load_mnist_classifier,
 )
-
-SHARED_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "mnist"
-
 
 def _random_rotation(d: int, gen: torch.Generator) -> Tensor:
     q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
@@ -62,8 +58,8 @@ def test_frechet_rotated_closed_form() -> None:
 
 
 def test_frechet_against_scipy() -> None:
-    np = pytest.importorskip("numpy")
-    linalg = pytest.importorskip("scipy.linalg")
+    import numpy as np  # both in the test extra: this reference always runs
+    from scipy import linalg
     gen = torch.Generator().manual_seed(2)
     d = 12
     a = torch.randn(d, d, generator=gen, dtype=torch.float64)
@@ -89,22 +85,10 @@ def test_frechet_from_samples_matches_stats() -> None:
 
 # ------------------------------------------------------------------------- classifier, MNIST-FID
 def _mnist_test_images() -> tuple[Tensor, Tensor]:
-    """Embedded test subset if the data module ships one, else /work/shared t10k, else skip."""
-    try:
-        from qmm_plugin.paper.data import load_mnist
+    """The first 2,000 MNIST test digits, embedded in the package (``load_mnist(None, "test")``)."""
+    from qmm_plugin.paper.data import load_mnist
 
-        return load_mnist(None, "test")
-    except Exception:  # noqa: BLE001 - module or asset not there
-        pass
-    if SHARED_MNIST.is_dir():
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-        from train_mnist_classifier import load_split  # type: ignore[import-not-found]
-
-        x, y = load_split(SHARED_MNIST, "test")
-        return x[:2000], y[:2000]
-    pytest.skip("no MNIST test images available")
+    return load_mnist(None, "test")
 
 
 @pytest.fixture(scope="module")
