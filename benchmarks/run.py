@@ -47,7 +47,7 @@ from _timing import interleaved, machine  # benchmarks/_timing.py (the script's 
 import qmm_plugin
 from qmm_plugin import ops as qops
 from qmm_plugin.io import atomic_write_text
-from qmm_plugin.layer import ManifoldSelection
+from qmm_plugin.routing import ManifoldSelection, ModelKey, open_selection
 
 PAPER_SHAPES = [(8, 1024), (1024, 6272), (10, 256), (256, 8192)]
 LOOP_MAX_PARAMS = 2e8  # skip the A-generator loop beyond this many weights (A*in*out; memory)
@@ -77,8 +77,10 @@ def layer_variants(fan_in: int, fan_out: int, batch: int, num: int, gen: torch.G
     linear = nn.Linear(fan_in, fan_out)
     mbl = qmm_plugin.MultiBiasLinear(fan_in, fan_out, num)
     w, bank = mbl.weight, mbl.bias_bank
-    # as inside a QuotientModel call: one selection per model call, shared by all its layers
-    mbl.selection = ManifoldSelection(num, manifold=idx)
+    # as inside a converted model's call: one selection per call, shared by all its layers (left
+    # open in this thread's context for the whole benchmark)
+    mbl.route_key = ModelKey(num)
+    open_selection(mbl.route_key, ManifoldSelection(num, manifold=idx))
     loop = (nn.ModuleList(nn.Linear(fan_in, fan_out) for _ in range(num))
             if num * fan_in * fan_out <= LOOP_MAX_PARAMS else None)
     groups = [(idx == g).nonzero(as_tuple=True)[0] for g in range(num)] if loop is not None else []

@@ -11,14 +11,19 @@ machinery) is the subpackage :mod:`qmm_plugin.paper`, imported on demand.
 """
 
 from . import io, ops
-from .convert import QuotientModel, convert
+from .convert import QuotientMixin, QuotientModel, convert, register_layer_type
 from .inversion import AnalyticEncoder, Inversion, analytic_encoder, invert, sample_manifold
-from .layer import ManifoldSelection, MultiBiasLinear
+from .layer import MultiBiasLayer, MultiBiasLinear
 from .regularizer import align_biases_
+from .routing import ManifoldSelection, use_manifold
 
 __all__ = [
     "convert",
     "QuotientModel",
+    "QuotientMixin",
+    "register_layer_type",
+    "use_manifold",
+    "MultiBiasLayer",
     "MultiBiasLinear",
     "ManifoldSelection",
     "align_biases_",

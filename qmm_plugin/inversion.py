@@ -133,7 +133,7 @@ def _fingerprint(q: QuotientModel) -> str:
 def _check_owner(q: QuotientModel, inv: Inversion) -> None:
     if not isinstance(inv, Inversion):
         raise TypeError(f"expected an Inversion returned by q.invert(x), got {type(inv).__name__}")
-    if inv.model_fingerprint != _fingerprint(q) or inv.model_id != id(q):
+    if inv.model_fingerprint != _fingerprint(q) or inv.model_id != id(q.model):
         raise ValueError(
             "this Inversion was made by another model (layers/A "
             f"{inv.model_fingerprint!r}, this model {_fingerprint(q)!r}); its biases only define a "
@@ -565,7 +565,7 @@ def _fit_eq3(q: QuotientModel, x: Tensor, d: int, *, steps: int, lr: float, mu: 
                 z=z_best, biases=biases_best, manifold=manifold, loss=loss.detach()[rows_kept],
                 reconstruction=out.detach()[rows_kept], steps=ran, fit_seconds=fit_seconds,
                 bias_mode=bias_mode if manifolds == "free" else "trained",
-                model_fingerprint=_fingerprint(q), model_id=id(q))
+                model_fingerprint=_fingerprint(q), model_id=id(q.model))
     return result
 
 

@@ -1,89 +1,36 @@
-"""The shared-weight, A-bias linear layer (paper Sec. 4: one weight, a bank of manifold biases).
+"""Multi-bias layers: one shared weight, a bank of manifold biases (paper Sec. 4).
 
-A :class:`MultiBiasLinear` keeps ``.weight`` exactly where an ``nn.Linear`` keeps it (same shape
-``(out, in)``, same name), so code that reads ``layer.weight`` keeps working, and replaces the
-single ``.bias`` by a *bias bank* ``.bias_bank`` of shape ``(A, out)``: row ``i`` is the bias
-:math:`a^{(i)}` of manifold (generator) ``i``.
+:class:`MultiBiasLayer` is what every converted layer type shares: the bias bank ``.bias_bank``
+of shape ``(A, C)`` (row ``i`` is the bias :math:`a^{(i)}` of manifold ``i``; ``C`` the output
+features or channels), the per-call choice of a row for each sample, explicit bias rows, and the
+operator views the regularizer (Eq. 2) and inversion (Eq. 3) need. A layer type is one subclass
+that supplies its forward and those views; :class:`MultiBiasLinear` is the paper's (fully
+connected) one.
 
-Which row a sample uses is decided by the :class:`ManifoldSelection` that a
-:class:`~qmm_plugin.QuotientModel` shares with all its layers for the duration of one forward
-call, so the user's own ``forward`` runs unchanged. A layer can also be called on its own with
-``manifold=`` or ``bias=``.
+Which row a sample uses is decided by the :class:`~qmm_plugin.routing.ManifoldSelection` of the
+model call running in the current context (:mod:`qmm_plugin.routing`), so the user's own
+``forward`` runs unchanged. A layer can also be called on its own with ``manifold=`` or ``bias=``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_real
-from .ops import bank_linear, bank_linear_spread, rows_linear
+from .ops import bank_linear, bank_linear_spread, bias_spread, rows_linear
+from .routing import Manifold, ManifoldSelection, ModelKey, selection_for
 
-__all__ = ["MultiBiasLinear", "ManifoldSelection", "Manifold", "check_explicit_bias"]
-
-#: A manifold choice: one index for the whole batch, or a ``(B,)`` integer tensor.
-Manifold = int | Tensor
+__all__ = ["MultiBiasLayer", "MultiBiasLinear", "ManifoldSelection", "Manifold", "check_explicit_bias"]
 
 
-@dataclass
-class ManifoldSelection:
-    """Which bias every converted layer uses during one forward call.
-
-    ``manifold``: ``None`` (sample ``i ~ Uniform{0..A-1}`` per sample, drawn once per call and
-    shared by every layer), an ``int`` or a ``(B,)`` integer tensor. ``biases``: explicit bias
-    rows per layer path. ``index`` is the resolved ``(B,)`` index, filled by the first layer that
-    runs (the batch size is only known there). ``spreads``: when a dict (the call asked for the
-    regularizer), each bank layer's first call stores its bias spread (Eq. 2) there by path,
-    computed with its output (:func:`~qmm_plugin.ops.bank_linear_spread`).
-    """
-
-    num_biases: int
-    manifold: Manifold | None = None
-    biases: dict[str, Tensor] | None = None
-    index: Tensor | None = field(default=None)
-    spreads: dict[str, Tensor] | None = None
-
-    def resolve_index(self, x: Tensor, path: str) -> Tensor:
-        """The ``(B,)`` manifold index for the layer at ``path`` whose input is ``x`` (``B = x.shape[0]``)."""
-        index = self.index
-        batch = x.shape[0]
-        first = index is None
-        if index is None:
-            if self.manifold is None:
-                index = torch.randint(0, self.num_biases, (batch,), device=x.device)
-            elif isinstance(self.manifold, int):
-                index = torch.full((batch,), self.manifold, dtype=torch.long, device=x.device)
-            else:
-                index = self.manifold
-            self.index = index
-        if index.shape[0] != batch:
-            raise ValueError(
-                f"layer '{path}' got a batch of {batch} samples but the manifold index has "
-                f"{index.shape[0]} entries; pass manifold= with one entry per sample (shape ({batch},)) "
-                f"or an int for the whole batch")
-        # .is_cpu first (~0.07 us) instead of building two torch.device objects (~1.6 us) on every
-        # layer call; the full comparison only runs off the CPU
-        if index.is_cpu != x.is_cpu or (not x.is_cpu and index.device != x.device):
-            raise ValueError(
-                f"layer '{path}': the manifold index is on {index.device} but the input is on "
-                f"{x.device}; move the index with .to({str(x.device)!r})")
-        if first and isinstance(self.manifold, Tensor) and batch > 0 and not torch.compiler.is_compiling():
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= self.num_biases:
-                raise ValueError(
-                    f"manifold index out of range: values span {lo}..{hi} but this model has "
-                    f"A={self.num_biases} manifolds (valid 0..{self.num_biases - 1})")
-        return index
-
-
-def check_explicit_bias(bias: object, weight: Tensor, name: str) -> None:
-    """Refuse an explicit bias that the layer with ``weight`` (``(out, in)``) cannot add: not a
-    tensor, not ``(out,)`` or ``(B, out)``, another dtype or another device than the weight."""
-    out = weight.shape[0]
+def check_explicit_bias(bias: object, layer: MultiBiasLayer, name: str) -> None:
+    """Refuse an explicit bias that ``layer`` cannot add: not a tensor, not ``(C,)`` or ``(B, C)``
+    (``C = layer.bias_size``), another dtype or another device than the layer's weight."""
+    out, weight = layer.bias_size, layer.weight
     if not isinstance(bias, Tensor) or bias.shape[-1:] != (out,) or bias.dim() not in (1, 2):
         shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"{name} must have shape ({out},) or (B, {out}), got {shape}")
@@ -96,7 +43,119 @@ def check_explicit_bias(bias: object, weight: Tensor, name: str) -> None:
                          f"move it with .to({str(weight.device)!r})")
 
 
-class MultiBiasLinear(nn.Module):
+class MultiBiasLayer(nn.Module):
+    r"""A layer whose bias is chosen per sample from a bank of A biases (one per manifold).
+
+    Subclasses keep the plain layer's ``.weight`` and give:
+
+    * :meth:`bank_forward` / :meth:`rows_forward`: the output with bank rows chosen by a ``(B,)``
+      index / with explicit ``(B, C)`` bias rows;
+    * :meth:`bias_adjoint`: :math:`W^\top B c` for ``(N, C)`` bias vectors ``c``, with :math:`W` the
+      layer's linear operator and :math:`B` the map from a bias vector to its output tensor
+      (identity for a Linear, broadcast over positions for a convolution): Eq. 2's quantity;
+    * :meth:`bias_image`: :math:`B c`, flattened to ``(N, n_out)``;
+    * :meth:`bias_operator`: :math:`B^\top W` as a ``(C, n_in)`` matrix, whose column space is the
+      tangential part of the bias space (inversion's exact constraint, Eq. 3);
+    * :meth:`output_operator`: :math:`W` as a ``(n_out, n_in)`` matrix (exact tangential spread);
+    * :meth:`from_plain` / :meth:`to_plain`: conversion from and back to the plain layer.
+    """
+
+    num_biases: int
+    bias_bank: nn.Parameter
+    weight: nn.Parameter
+
+    def _init_routing(self, num_biases: int) -> None:
+        self.num_biases = num_biases
+        self.path = ""  # set by convert(): this layer's path in the converted model
+        self.route_key: ModelKey | None = None  # set by convert(): the model whose calls route this layer
+
+    @property
+    def bias_size(self) -> int:
+        """``C``: the length of one bias vector (output features or channels)."""
+        return self.bias_bank.shape[1]
+
+    # ------------------------------------------------------------------------ per type
+    def bank_forward(self, x: Tensor, index: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bank_forward_spread(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`bank_forward` and the layer's bias spread (Eq. 2) from the same call."""
+        return self.bank_forward(x, index), self.bias_spread()
+
+    def rows_forward(self, x: Tensor, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bias_adjoint(self, c: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bias_image(self, c: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bias_operator(self) -> Tensor:
+        raise NotImplementedError
+
+    def output_operator(self) -> Tensor:
+        raise NotImplementedError
+
+    def to_plain(self, manifold: int) -> nn.Module:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ shared
+    def bias_spread(self) -> Tensor:
+        r""":math:`\operatorname{tr}\operatorname{cov}_i(W^\top B a^{(i)})`, the quantity whose log
+        Eq. 2 sums (unbiased covariance over the A rows; 0 for ``A = 1``). Differentiable."""
+        bank = self.bias_bank
+        centred = bank - bank.mean(0, keepdim=True)
+        return self.bias_adjoint(centred).pow(2).sum() / max(bank.shape[0] - 1, 1)
+
+    def forward(self, x: Tensor, manifold: Manifold | None = None, bias: Tensor | None = None) -> Tensor:
+        if bias is not None:
+            check_explicit_bias(bias, self, "bias")
+            return self._explicit(x, bias)
+        if manifold is not None:
+            sel = ManifoldSelection(self.num_biases, manifold=manifold)
+        else:
+            sel = selection_for(self.route_key)
+            if sel is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} '{self.path}' does not know which manifold to use: call the "
+                    "converted model (it picks the manifolds of a call), wrap the code in "
+                    "`with qmm_plugin.use_manifold(model, i):`, or pass manifold= / bias=")
+        if sel.biases is not None and self.path in sel.biases:
+            return self._explicit(x, sel.biases[self.path])
+        index = sel.resolve_index(x, self.path)
+        if sel.spreads is not None and self.path not in sel.spreads:
+            y, sel.spreads[self.path] = self.bank_forward_spread(x, index)
+            return y
+        return self.bank_forward(x, index)
+
+    def _explicit(self, x: Tensor, bias: Tensor) -> Tensor:
+        """Explicit bias rows: ``(C,)`` is shared by the batch, ``(B, C)`` is one row per sample."""
+        rows = bias.expand(x.shape[0], self.bias_size) if bias.dim() == 1 else bias
+        return self.rows_forward(x, rows)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        bank = state_dict.get(prefix + "bias_bank")
+        if bank is not None and bank.dim() == 2 and bank.shape[0] != self.num_biases:
+            raise RuntimeError(
+                f"cannot load '{prefix}bias_bank': the checkpoint was made with A={bank.shape[0]} "
+                f"manifolds but this model has A={self.num_biases}; convert the model with "
+                f"num_biases={bank.shape[0]} before loading")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def initial_bank(bias: Tensor | None, like: Tensor, num_biases: int, std: float) -> Tensor:
+    """A ``(A, C)`` bank whose rows start at ``bias`` (zeros when ``None``, shaped like ``like``)
+    plus independent ``N(0, std^2)`` noise per row."""
+    with torch.no_grad():
+        base = bias if bias is not None else torch.zeros_like(like)
+        bank = base.detach().expand(num_biases, -1).clone()
+        if std > 0:
+            bank.add_(torch.randn_like(bank) * std)
+    return bank
+
+
+class MultiBiasLinear(MultiBiasLayer):
     r"""``y = x W^T + a^{(i)}``: an ``nn.Linear`` whose bias is chosen per sample from a bank.
 
     Args:
@@ -124,11 +183,9 @@ class MultiBiasLinear(nn.Module):
         check_int(num_biases, "num_biases", meaning="the number of manifolds A")
         self.in_features = in_features
         self.out_features = out_features
-        self.num_biases = num_biases
+        self._init_routing(num_biases)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias_bank = nn.Parameter(torch.empty(num_biases, out_features, device=device, dtype=dtype))
-        self.path = ""  # set by convert(): this layer's path in the wrapped model
-        self.selection: ManifoldSelection | None = None  # shared with the QuotientModel
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -138,7 +195,7 @@ class MultiBiasLinear(nn.Module):
         nn.init.uniform_(self.bias_bank, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, num_biases: int, init_std: float | None) -> MultiBiasLinear:
+    def from_plain(cls, linear: nn.Linear, num_biases: int, init_std: float | None) -> MultiBiasLinear:
         """A layer that takes over ``linear``'s weight Parameter and starts every bank row at its bias.
 
         Each row gets independent ``N(0, std^2)`` noise; ``init_std=None`` uses
@@ -148,57 +205,44 @@ class MultiBiasLinear(nn.Module):
         w = linear.weight
         std = (1.0 / math.sqrt(3 * max(linear.in_features, 1)) if init_std is None
                else check_real(init_std, "init_std", low=0.0, meaning="std of the per-manifold bias noise"))
-        with torch.no_grad():
-            base = linear.bias if linear.bias is not None else torch.zeros_like(w[:, 0])
-            bank = base.detach().expand(num_biases, -1).clone()
-            if std > 0:
-                bank.add_(torch.randn_like(bank) * std)
+        bank = initial_bank(linear.bias, w[:, 0], num_biases, std)
         layer = cls(linear.in_features, linear.out_features, num_biases, device="meta", dtype=w.dtype)
         layer.weight = w  # the same Parameter: optimisers and code holding it keep working
         layer.bias_bank = nn.Parameter(bank, requires_grad=linear.bias is None or linear.bias.requires_grad)
         return layer
 
-    def to_linear(self, manifold: int) -> nn.Linear:
-        """An ordinary ``nn.Linear`` carrying this layer's weight and bias ``manifold``."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=True,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            lin.bias.copy_(self.bias_bank[manifold])
+    def to_plain(self, manifold: int) -> nn.Linear:
+        """An ordinary ``nn.Linear`` with this layer's weight Parameter (the same object) and bias
+        ``manifold`` (a new Parameter with the bank's ``requires_grad``)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=True, device="meta", dtype=self.weight.dtype)
+        lin.weight = self.weight
+        lin.bias = nn.Parameter(self.bias_bank.detach()[manifold].clone(), requires_grad=self.bias_bank.requires_grad)
         return lin
 
-    def forward(self, x: Tensor, manifold: Manifold | None = None, bias: Tensor | None = None) -> Tensor:
-        if bias is not None:
-            check_explicit_bias(bias, self.weight, "bias")
-            return self._explicit(x, bias)
-        sel = self.selection
-        if manifold is not None:
-            sel = ManifoldSelection(self.num_biases, manifold=manifold)
-        elif sel is None:
-            raise RuntimeError(
-                f"MultiBiasLinear '{self.path}' does not know which manifold to use: call it through "
-                "the QuotientModel returned by qmm_plugin.convert, or pass manifold= / bias=")
-        if sel.biases is not None and self.path in sel.biases:
-            return self._explicit(x, sel.biases[self.path])
-        index = sel.resolve_index(x, self.path)
-        if sel.spreads is not None and self.path not in sel.spreads:
-            y, sel.spreads[self.path] = bank_linear_spread(x, self.weight, self.bias_bank, index)
-            return y
+    def bank_forward(self, x: Tensor, index: Tensor) -> Tensor:
         return bank_linear(x, self.weight, self.bias_bank, index)
 
-    def _explicit(self, x: Tensor, bias: Tensor) -> Tensor:
-        """Explicit bias rows: ``(out,)`` is shared by the batch, ``(B, out)`` is one row per sample."""
-        rows = bias.expand(x.shape[0], self.out_features) if bias.dim() == 1 else bias
+    def bank_forward_spread(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return bank_linear_spread(x, self.weight, self.bias_bank, index)
+
+    def rows_forward(self, x: Tensor, rows: Tensor) -> Tensor:
         return rows_linear(x, self.weight, rows)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        bank = state_dict.get(prefix + "bias_bank")
-        if bank is not None and bank.dim() == 2 and bank.shape[0] != self.num_biases:
-            raise RuntimeError(
-                f"cannot load '{prefix}bias_bank': the checkpoint was made with A={bank.shape[0]} "
-                f"manifolds but this model has A={self.num_biases}; convert the model with "
-                f"num_biases={bank.shape[0]} before loading")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def bias_adjoint(self, c: Tensor) -> Tensor:
+        """:math:`W^\\top c` for each row of ``c`` (``(N, out)`` -> ``(N, in)``)."""
+        return c @ self.weight
+
+    def bias_spread(self) -> Tensor:
+        return bias_spread(self.weight, self.bias_bank)
+
+    def bias_image(self, c: Tensor) -> Tensor:
+        return c
+
+    def bias_operator(self) -> Tensor:
+        return self.weight
+
+    def output_operator(self) -> Tensor:
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, num_biases={self.num_biases}"

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["multi_bias_linear", "multi_bias_linear_spread", "sample_bias_linear", "segment_sum", "bank_linear",
-           "bank_linear_spread", "rows_linear"]
+           "bank_linear_spread", "rows_linear", "bias_spread"]
 
 
 #: Input widths up to this use the transposed weight as a contiguous ``(in, out)`` matrix. The
@@ -134,6 +134,18 @@ def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
 @segment_sum.register_fake
 def _(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
     return values.new_empty((num_segments, values.shape[-1]))
+
+
+# ------------------------------------------------------------------------------- bias spread
+def bias_spread(weight: Tensor, bank: Tensor) -> Tensor:
+    r""":math:`\operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)})` for one Linear layer (differentiable):
+    the quantity whose log the bias-aligning regularizer (Eq. 2) sums.
+
+    ``weight``: ``(out, in)``; ``bank``: ``(A, out)``. Unbiased covariance; 0 for ``A = 1``.
+    """
+    centred = bank - bank.mean(0, keepdim=True)
+    projected = centred @ weight  # rows: W^T (a_i - a_bar)
+    return projected.pow(2).sum() / max(bank.shape[0] - 1, 1)
 
 
 # --------------------------------------------------------------------------------- bank + index
@@ -254,7 +266,7 @@ def multi_bias_linear_spread(x: Tensor, weight: Tensor, bank: Tensor, index: Ten
     :math:`\operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)}) = \lVert C W\rVert^2 / (A-1)`
     with :math:`C` the centred bank (rows :math:`a^{(i)} - \bar a`; 0 for ``A = 1``), the
     quantity whose log the bias-aligning regularizer sums
-    (:func:`qmm_plugin.regularizer.bias_spread`; the same value).
+    (:func:`bias_spread`; the same value).
 
     Why one node: with :math:`P = C W`, the spread's gradients are :math:`2 C^\top P / (A-1)`
     for :math:`W` and :math:`2 P W^\top / (A-1)` for :math:`C`. The forward gets
@@ -268,7 +280,7 @@ def multi_bias_linear_spread(x: Tensor, weight: Tensor, bank: Tensor, index: Ten
     Example::
 
         >>> import torch
-        >>> from qmm_plugin.regularizer import bias_spread
+        >>> from qmm_plugin.ops import bias_spread
         >>> x, w, bank = torch.randn(4, 3), torch.randn(6, 3), torch.randn(2, 6)
         >>> y, spread = multi_bias_linear_spread(x, w, bank, torch.tensor([0, 1, 1, 0]))
         >>> torch.allclose(spread, bias_spread(w, bank))
@@ -333,7 +345,7 @@ def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tenso
 
 
 #: Layers with fewer weights than this compute their spread in eager mode on the CPU as a
-#: separate small product (:func:`qmm_plugin.regularizer.bias_spread`) beside :func:`bank_linear`:
+#: separate small product (:func:`bias_spread`) beside :func:`bank_linear`:
 #: the fused op's fixed cost (a dozen small tensor ops in Python) is then larger than the weight
 #: gradient it saves. ``benchmarks/run.py`` times both forms per layer of the MNIST generator
 #: ("R_BA per layer" in ``benchmarks/results/RESULTS.md``): at 8→1024 the separate form is
@@ -347,8 +359,6 @@ def bank_linear_spread(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -
     :data:`FUSED_SPREAD_MIN_WEIGHTS` weights) take the separate form, the same value and
     gradients at less fixed cost."""
     if _eager_reference(x) and weight.numel() < FUSED_SPREAD_MIN_WEIGHTS:
-        from .regularizer import bias_spread  # the regularizer module imports the layer, which imports this
-
         return bank_linear(x, weight, bank, index), bias_spread(weight, bank)
     return multi_bias_linear_spread(x, weight, bank, index)
 

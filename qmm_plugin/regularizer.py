@@ -37,24 +37,15 @@ import torch
 from torch import Tensor
 
 from ._checks import check_finite_state, check_real
-from .layer import MultiBiasLinear
+from .layer import MultiBiasLayer
+from .ops import bias_spread
 
 __all__ = ["bias_spread", "ba_regularizer_terms", "tangential_spread", "tangential_basis", "align_biases_"]
 
 DEFAULT_EPS = 1e-8
 
 
-def bias_spread(weight: Tensor, bank: Tensor) -> Tensor:
-    r""":math:`\operatorname{tr}\operatorname{cov}_i(W^\top a^{(i)})` for one layer (differentiable).
-
-    ``weight``: ``(out, in)``; ``bank``: ``(A, out)``. Unbiased covariance; 0 for ``A = 1``.
-    """
-    centred = bank - bank.mean(0, keepdim=True)
-    projected = centred @ weight  # rows: W^T (a_i - a_bar)
-    return projected.pow(2).sum() / max(bank.shape[0] - 1, 1)
-
-
-def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEFAULT_EPS,
+def ba_regularizer_terms(layers: Mapping[str, MultiBiasLayer], eps: float = DEFAULT_EPS,
                          spreads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Per-layer terms ``log(tr cov(W_l^T a_l) + eps)`` of Eq. 2, keyed by layer path.
 
@@ -65,7 +56,7 @@ def ba_regularizer_terms(layers: Mapping[str, MultiBiasLinear], eps: float = DEF
     eps = check_real(eps, "eps", low=0.0, low_open=True,
                      meaning="inside the log of Eq. 2, so that identical biases give a finite R_BA")
     given = spreads or {}
-    return {path: torch.log((given[path] if path in given else bias_spread(m.weight, m.bias_bank)) + eps)
+    return {path: torch.log((given[path] if path in given else m.bias_spread()) + eps)
             for path, m in layers.items()}
 
 
@@ -96,21 +87,24 @@ def tangential_basis(weight: Tensor, rtol: float | None = None) -> Tensor:
     return right if sing is None else (w @ right) / sing
 
 
-def tangential_spread(layers: Mapping[str, MultiBiasLinear]) -> dict[str, float]:
+def tangential_spread(layers: Mapping[str, MultiBiasLayer]) -> dict[str, float]:
     r"""Exact :math:`\operatorname{tr}\operatorname{cov}_i(a_\parallel^{(i)})` per layer, in float64.
 
     The quantity Theorem 1 bounds; for monitoring (not differentiable). Zero means the bank
-    satisfies Proposition 1 exactly. The coordinates ``(a_i - a_bar) Q`` are computed as
-    ``((a_i - a_bar) W) V / s`` without forming ``Q``.
+    satisfies Proposition 1 exactly. :math:`a_\parallel = P B a` with :math:`P` the projector
+    onto the column space of the layer's operator :math:`W` (``layer.output_operator()``) and
+    :math:`B` the map from a bias to its output tensor (``layer.bias_image``; the identity for a
+    Linear). The coordinates ``(B(a_i - a_bar))^T Q`` are computed as ``((B(a_i - a_bar))^T W) V / s``
+    without forming ``Q``.
     """
     out: dict[str, float] = {}
     for path, m in layers.items():
         check_finite_state(m, f"tangential_spread, layer '{path}'")
-        w = m.weight.detach().double()
+        w = m.output_operator().detach().double()
         bank = m.bias_bank.detach().double()
-        centred = bank - bank.mean(0, keepdim=True)
+        image = m.bias_image(bank - bank.mean(0, keepdim=True))
         right, sing = _column_space(w, None)
-        coords = centred @ right if sing is None else (centred @ w) @ right / sing
+        coords = image @ right if sing is None else (image @ w) @ right / sing
         out[path] = float(coords.pow(2).sum() / max(bank.shape[0] - 1, 1))
     return out
 
@@ -125,7 +119,7 @@ def align_biases_(model: object) -> object:
     inverts every manifold. A hard-constraint alternative to the regularizer (beyond the paper).
 
     Args:
-        model: a :class:`~qmm_plugin.QuotientModel`, or any module containing MultiBiasLinear layers.
+        model: a converted model, or any module containing multi-bias layers.
 
     Returns:
         ``model``.
@@ -140,13 +134,13 @@ def align_biases_(model: object) -> object:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"align_biases_ expects an nn.Module, got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, MultiBiasLinear)]
+    layers = [m for m in model.modules() if isinstance(m, MultiBiasLayer)]
     if not layers:
-        raise ValueError("align_biases_: the model has no MultiBiasLinear layer; call qmm_plugin.convert first")
+        raise ValueError("align_biases_: the model has no multi-bias layer; call qmm_plugin.convert first")
     for m in layers:
         check_finite_state(m, f"align_biases_, layer '{m.path}'")
     for m in layers:
-        q = tangential_basis(m.weight)
+        q = tangential_basis(m.bias_operator())
         bank = m.bias_bank.double()
         centred = bank - bank.mean(0, keepdim=True)
         m.bias_bank.copy_(bank - (centred @ q) @ q.t())

@@ -91,7 +91,7 @@ def test_multibiaslinear_constructor_checks_sizes() -> None:
     with pytest.raises(TypeError, match="out_features must be an int >= 1"):
         MultiBiasLinear(3, 5.0, num_biases=2)
     with pytest.raises(ValueError, match=r"init_std .* got nan"):
-        MultiBiasLinear.from_linear(nn.Linear(2, 3), 2, float("nan"))
+        MultiBiasLinear.from_plain(nn.Linear(2, 3), 2, float("nan"))
 
 
 # ----------------------------------------------------------------------------- explicit biases
