@@ -69,21 +69,37 @@ def _weight_operand(weight: Tensor) -> Tensor:
     return wt.contiguous() if _narrow(weight) else wt
 
 
+def functorch_transforms_active() -> bool:
+    """True inside a :mod:`torch.func` transform (``vmap``, ``grad``, ``jacrev``, ...).
+
+    Under ``vmap`` an in-place op whose destination is not batched but whose operands are (a
+    bias gathered by a shared index, the input vmapped per sample) is an error, and a custom op
+    needs a vmap rule; the layer entry points then take the out-of-place reference path.
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
 def _affine_rows(x: Tensor, weight: Tensor, bias_rows: Tensor, owned: bool = False) -> Tensor:
     """``x @ weight.T`` plus one bias row per sample (dim 0), broadcast over middle dims.
 
     ``owned=True`` says ``bias_rows`` is a fresh tensor made for this call (the gathered bank
     rows): the matmul then accumulates into it in place (``addmm_``), which saves ``addmm``'s
     copy of its additive input, one ``(B, out)`` pass (measurable at the paper's small layers).
+    Inside a :mod:`torch.func` transform every step is out of place
+    (:func:`functorch_transforms_active`).
     """
     wt = _weight_operand(weight)
+    in_place = not functorch_transforms_active()
     if x.dim() == 2:
-        if owned:
+        if owned and in_place:
             return bias_rows.addmm_(x, wt)
         return torch.addmm(bias_rows, x, wt)
     batch = x.shape[0]
     y = torch.mm(x.reshape(-1, x.shape[-1]), wt).view(batch, -1, weight.shape[0])
-    y.add_(bias_rows.unsqueeze(1))
+    if in_place:
+        y.add_(bias_rows.unsqueeze(1))
+    else:
+        y = y + bias_rows.unsqueeze(1)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -324,8 +340,11 @@ sample_bias_linear.register_autograd(_sbl_backward, setup_context=_sbl_setup)
 
 # ------------------------------------------------------------------------ layer entry points
 def _eager_reference(x: Tensor) -> bool:
-    """True when the call can skip the custom-op dispatcher: eager mode on a CPU tensor."""
-    return x.is_cpu and not torch.compiler.is_compiling()  # .is_cpu: ~13x cheaper than .device
+    """True when the call runs the reference computation instead of the custom op: eager mode on
+    a CPU tensor, or inside a :mod:`torch.func` transform on any device (the custom ops have no
+    vmap rule; the reference is plain differentiable ATen calls)."""
+    # .is_cpu: ~13x cheaper than .device
+    return (x.is_cpu or functorch_transforms_active()) and not torch.compiler.is_compiling()
 
 
 def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tensor:
@@ -357,8 +376,8 @@ def bank_linear_spread(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -
     """What :class:`~qmm_plugin.MultiBiasLinear` calls when the forward also returns R_BA:
     :func:`multi_bias_linear_spread`'s result. Small layers in eager mode on the CPU (fewer than
     :data:`FUSED_SPREAD_MIN_WEIGHTS` weights) take the separate form, the same value and
-    gradients at less fixed cost."""
-    if _eager_reference(x) and weight.numel() < FUSED_SPREAD_MIN_WEIGHTS:
+    gradients at less fixed cost; so does every layer inside a :mod:`torch.func` transform."""
+    if _eager_reference(x) and (weight.numel() < FUSED_SPREAD_MIN_WEIGHTS or functorch_transforms_active()):
         return bank_linear(x, weight, bank, index), bias_spread(weight, bank)
     return multi_bias_linear_spread(x, weight, bank, index)
 

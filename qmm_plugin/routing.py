@@ -27,6 +27,8 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from .ops import functorch_transforms_active
+
 __all__ = ["ModelKey", "ManifoldSelection", "Manifold", "use_manifold", "selection_for", "open_selection",
            "close_selection", "check_manifold"]
 
@@ -90,7 +92,10 @@ class ManifoldSelection:
             raise ValueError(
                 f"layer '{path}': the manifold index is on {index.device} but the input is on "
                 f"{x.device}; move the index with .to({str(x.device)!r})")
-        if first and isinstance(self.manifold, Tensor) and batch > 0 and not torch.compiler.is_compiling():
+        # the range check reads the values on the host: not possible while compiling or inside a
+        # torch.func transform (vmap), where the bank gather itself refuses an index out of range
+        if (first and isinstance(self.manifold, Tensor) and batch > 0 and not torch.compiler.is_compiling()
+                and not functorch_transforms_active()):
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= self.num_biases:
                 raise ValueError(
