@@ -354,8 +354,8 @@ def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, index: Tensor) -> Tenso
     custom op, so graphs keep one node per layer. In eager mode on the CPU it runs the op's
     reference computation (``addmm`` with ``bank.index_select``) directly under autograd, whose
     backward is the same (``index_add_`` segment sum for the bank): this skips the custom-op
-    dispatcher, about 0.3 ms per forward+backward, which at the paper's small layers
-    (8→1024, B=64) is as much as the matmuls themselves (``benchmarks/run.py``).
+    dispatcher's fixed per-call cost, which matters at the paper's small layers (8→1024, B=64),
+    where the matmuls themselves take a fraction of a millisecond (``benchmarks/run.py``).
     """
     if not _eager_reference(x):
         return multi_bias_linear(x, weight, bank, index)
