@@ -13,6 +13,7 @@ machinery) is the subpackage :mod:`qmm_plugin.paper`, imported on demand.
 from . import io, ops
 from .convert import QuotientMixin, QuotientModel, convert, register_layer_type
 from .inversion import AnalyticEncoder, Inversion, analytic_encoder, invert, sample_manifold
+from .conv import MultiBiasConv2d, MultiBiasConvTranspose2d
 from .layer import MultiBiasLayer, MultiBiasLinear
 from .regularizer import align_biases_
 from .routing import ManifoldSelection, use_manifold
@@ -25,6 +26,8 @@ __all__ = [
     "use_manifold",
     "MultiBiasLayer",
     "MultiBiasLinear",
+    "MultiBiasConv2d",
+    "MultiBiasConvTranspose2d",
     "ManifoldSelection",
     "align_biases_",
     "Inversion",

@@ -20,19 +20,19 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_real
+from .conv import MultiBiasConv2d, MultiBiasConvTranspose2d
+from .inversion import Inversion, invert, sample_manifold
 from .layer import MultiBiasLayer, MultiBiasLinear, check_explicit_bias
 from .regularizer import DEFAULT_EPS, ba_regularizer_terms, tangential_spread
 from .routing import (Manifold, ManifoldSelection, ModelKey, active_selection, check_manifold, close_selection,
                       open_selection, pinned_manifold)
 
-if TYPE_CHECKING:
-    from .inversion import Inversion
 
 __all__ = ["convert", "QuotientModel", "QuotientMixin", "MULTI_BIAS_TYPES", "register_layer_type"]
 
@@ -57,7 +57,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 #: plain layer class -> its multi-bias class. A new layer type is one MultiBiasLayer subclass
 #: (with ``from_plain``) and one entry here (:func:`register_layer_type`).
-MULTI_BIAS_TYPES: dict[type[nn.Module], type[MultiBiasLayer]] = {nn.Linear: MultiBiasLinear}
+MULTI_BIAS_TYPES: dict[type[nn.Module], type[MultiBiasLayer]] = {
+    nn.Linear: MultiBiasLinear, nn.Conv2d: MultiBiasConv2d, nn.ConvTranspose2d: MultiBiasConvTranspose2d}
 
 
 def register_layer_type(plain: type[nn.Module], multi_bias: type[MultiBiasLayer]) -> None:
@@ -369,15 +370,11 @@ class QuotientMixin:
 
     def invert(self: Any, x: Tensor, **kwargs: Any) -> Inversion:
         """Encode images by Eq. 3; see :func:`qmm_plugin.inversion.invert` for the arguments."""
-        from .inversion import invert
-
         return invert(_as_wrapper(self), x, **kwargs)
 
     def sample_manifold(self: Any, inv: Inversion, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` fresh samples on each inverted image's derived manifold (same biases, new z;
         Fig. 5-6): ``(B, n, *image)``. See :func:`qmm_plugin.inversion.sample_manifold`."""
-        from .inversion import sample_manifold
-
         return sample_manifold(_as_wrapper(self), inv, n, generator=generator)
 
 

@@ -73,8 +73,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import check_finite_state, check_int, check_real
-from .layer import MultiBiasLinear
+from .layer import MultiBiasLayer, MultiBiasLinear
 from .regularizer import DEFAULT_EPS, tangential_basis
+from .routing import ModelKey
 
 if TYPE_CHECKING:
     from .convert import QuotientModel
@@ -130,6 +131,16 @@ def _fingerprint(q: QuotientModel) -> str:
     return f"A={q.num_biases};{layers}"
 
 
+def _check_returned(q: object, fn: str) -> None:
+    """Refuse anything but the :class:`~qmm_plugin.QuotientModel` that :func:`~qmm_plugin.convert`
+    returned: its ``.model`` is a converted model (with a routing key), it is not one itself."""
+    model = getattr(q, "model", None)
+    if (not isinstance(getattr(q, "_qmm_key", None), ModelKey) or hasattr(type(q), "_qmm_base")
+            or not hasattr(type(model), "_qmm_base")):
+        hint = f"; on the converted model itself call model.{fn}(...)" if fn == "invert" else ""
+        raise TypeError(f"{fn} expects the QuotientModel that qmm_plugin.convert returned, got {type(q).__name__}{hint}")
+
+
 def _check_owner(q: QuotientModel, inv: Inversion) -> None:
     if not isinstance(inv, Inversion):
         raise TypeError(f"expected an Inversion returned by q.invert(x), got {type(inv).__name__}")
@@ -173,7 +184,8 @@ def _infer_z_dim(q: QuotientModel, z_dim: int | None) -> int:
     if isinstance(declared, int) and not isinstance(declared, bool):
         return declared
     first = next(iter(q.multi_bias_layers().values()))
-    return first.in_features
+    # a convolution first: its input channels (the probe then says whether (B, d) codes fit)
+    return first.in_features if isinstance(first, MultiBiasLinear) else first.in_channels
 
 
 @dataclass(frozen=True)
@@ -298,20 +310,22 @@ def _check_images(x: Tensor, shape: torch.Size, like: Tensor) -> None:
         raise ValueError("x contains NaN or inf values; clean the images (e.g. torch.nan_to_num) before inverting")
 
 
-_BASIS_CACHE: weakref.WeakKeyDictionary[MultiBiasLinear, tuple[tuple[object, ...], Tensor]] = (
+_BASIS_CACHE: weakref.WeakKeyDictionary[MultiBiasLayer, tuple[tuple[object, ...], Tensor]] = (
     weakref.WeakKeyDictionary())
 
 
-def _cached_tangential_basis(layer: MultiBiasLinear) -> Tensor:
-    """:func:`~qmm_plugin.regularizer.tangential_basis` of the layer's weight, in its dtype, reused
-    while the weight is unchanged (same storage, shape, dtype, device and in-place version counter):
-    the float64 SVD of the MNIST generator's 6272x1024 weight takes seconds, more than a short fit."""
+def _cached_tangential_basis(layer: MultiBiasLayer) -> Tensor:
+    """:func:`~qmm_plugin.regularizer.tangential_basis` of the layer's ``bias_operator()`` (its
+    weight for a Linear), in its dtype, reused while the weight is unchanged (same storage, shape,
+    dtype, device and in-place version counter) and, for a convolution, the input size too: the
+    float64 eigendecomposition for the MNIST generator's 6272x1024 weight takes seconds, more than
+    a short fit."""
     w = layer.weight
-    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, getattr(layer, "input_size", None))
     hit = _BASIS_CACHE.get(layer)
     if hit is not None and hit[0] == key:
         return hit[1]
-    basis = tangential_basis(w).to(w.dtype)
+    basis = tangential_basis(layer.bias_operator()).to(w.dtype)
     _BASIS_CACHE[layer] = (key, basis)
     return basis
 
@@ -319,19 +333,19 @@ def _cached_tangential_basis(layer: MultiBiasLinear) -> Tensor:
 class _BiasParams:
     """Per-candidate free biases of every converted layer in one of the two parametrisations."""
 
-    def __init__(self, layers: dict[str, MultiBiasLinear], rows: int, mode: BiasMode, mu: float,
+    def __init__(self, layers: dict[str, MultiBiasLayer], rows: int, mode: BiasMode, mu: float,
                  gen: torch.Generator) -> None:
         self.mode = mode
         self.mu = mu
         self.mean: dict[str, Tensor] = {p: m.bias_bank.detach().mean(0) for p, m in layers.items()}
-        self.weight: dict[str, Tensor] = {p: m.weight.detach() for p, m in layers.items()}
+        self.layers = layers
         if mode == "normal":  # first call per weight: one SVD per layer (cached afterwards)
             self.basis = {p: _cached_tangential_basis(m) for p, m in layers.items()}
             self.params = {p: self.mean[p].expand(rows, -1).clone().requires_grad_(True) for p in layers}
         else:
             # the log penalty is infinitely steep at a_bar itself: start just off it
             self.params = {p: (self.mean[p] + PENALTY_INIT_STD * torch.randn(
-                rows, m.out_features, generator=gen, dtype=m.weight.dtype).to(m.weight.device)).requires_grad_(True)
+                rows, m.bias_size, generator=gen, dtype=m.weight.dtype).to(m.weight.device)).requires_grad_(True)
                 for p, m in layers.items()}
 
     def biases(self) -> dict[str, Tensor]:
@@ -349,10 +363,11 @@ class _BiasParams:
             a.sub_(torch.where(active.unsqueeze(1), ((a - self.mean[p]) @ q) @ q.t(), 0.0))
 
     def penalty(self, biases: dict[str, Tensor]) -> Tensor | None:
-        """``mu * sum_l log(||W_l^T (a_l - a_bar_l)||^2 + eps)`` per row (penalty mode only)."""
+        """``mu * sum_l log(||W_l^T B_l (a_l - a_bar_l)||^2 + eps)`` per row (penalty mode only;
+        ``B_l`` the identity for a Linear, the broadcast over positions for a convolution)."""
         if self.mode != "penalty" or self.mu == 0:
             return None
-        terms = [torch.log(((b - self.mean[p]) @ self.weight[p]).pow(2).sum(1) + DEFAULT_EPS)
+        terms = [torch.log(self.layers[p].bias_adjoint(b - self.mean[p]).pow(2).sum(1) + DEFAULT_EPS)
                  for p, b in biases.items()]
         return self.mu * torch.stack(terms).sum(0)
 
@@ -441,10 +456,7 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
         >>> inv.z.shape, inv.manifold.shape
         (torch.Size([4, 2]), torch.Size([4]))
     """
-    from .convert import QuotientModel
-
-    if not isinstance(q, QuotientModel):
-        raise TypeError(f"invert expects a QuotientModel (from qmm_plugin.convert), got {type(q).__name__}")
+    _check_returned(q, "invert")
     check_int(steps, "steps", meaning="cap on Adam steps")
     check_int(restarts, "restarts", meaning="random starts per image")
     check_int(window, "window", meaning="steps per plateau check")
@@ -740,10 +752,7 @@ def analytic_encoder(q: QuotientModel, *, z_dim: int | None = None, check: bool 
             means the generator's ``forward`` applies operations outside modules (e.g.
             ``torch.tanh`` calls), which the encoder cannot see.
     """
-    from .convert import QuotientModel
-
-    if not isinstance(q, QuotientModel):
-        raise TypeError(f"analytic_encoder expects a QuotientModel (from qmm_plugin.convert), got {type(q).__name__}")
+    _check_returned(q, "analytic_encoder")
     like = _param_like(q)
     d = _infer_z_dim(q, z_dim)
     paths = {m: p for p, m in q.model.named_modules()}
