@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="no checkpoint: a randomly initialised generator, 2 images, 5 inversion steps")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.images, args.samples, args.inv_steps = 2, 3, 5
+    if args.smoke:  # never overrides a flag given on the command line
+        C.apply_smoke(args, C.explicit_flags(p, argv), {"images": 2, "samples": 3, "inv_steps": 5})
     C.check_positive(args, "images", "samples", "inv_steps")
     device = C.setup_distributed(args.device).device
     torch.manual_seed(args.seed)

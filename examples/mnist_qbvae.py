@@ -68,12 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     C.add_common_args(p, out="runs/mnist_qbvae", steps=150, batch_size=32, sample_every=50, ckpt_every=50,
                       fid_samples=2000)
     args = p.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch_size, args.em_repeats = min(args.steps, 2), 8, min(args.em_repeats, 2)
-        args.fid_samples = min(args.fid_samples, 100)
-        args.sample_every, args.ckpt_every, args.log_every = args.steps, 1, 1
+    given = C.explicit_flags(p, argv)
+    if args.smoke:  # never overrides a flag given on the command line
+        given |= C.apply_smoke(args, given, {"steps": 2, "batch_size": 8, "em_repeats": 2, "fid_samples": 100,
+                                             "ckpt_every": 1, "log_every": 1, "sample_every": lambda a: a.steps})
     C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "em_repeats",
                      "grid_columns", "num_biases")
+    C.resume_settings(args, given)
     return args
 
 

@@ -77,11 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     C.add_common_args(p, out="runs/mnist_qwgan", steps=400, batch_size=32, sample_every=100,
                       ckpt_every=100, fid_samples=2000)
     args = p.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch_size, args.fid_samples = min(args.steps, 4), 20, min(args.fid_samples, 200)
-        args.sample_every, args.ckpt_every, args.log_every = args.steps, 2, 1
+    given = C.explicit_flags(p, argv)
+    if args.smoke:  # never overrides a flag given on the command line
+        given |= C.apply_smoke(args, given, {"steps": 4, "batch_size": 20, "fid_samples": 200, "ckpt_every": 2,
+                                             "log_every": 1, "sample_every": lambda a: a.steps})
     C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "n_critic",
                      "grid_columns")
+    C.resume_settings(args, given)
     if args.model in ("dmwgan", "madgan") and args.batch_size < 2 * NUM_MANIFOLDS:
         p.error(f"--model {args.model} needs --batch-size >= {2 * NUM_MANIFOLDS} (every one of the "
                 f"{NUM_MANIFOLDS} generators needs >= 2 samples per batch for BatchNorm)")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 import qmm_plugin  # QMM: (the import)
 from qmm_plugin.paper.data import load_mnist, to_model_range
+from qmm_plugin.paper.training import apply_smoke, explicit_flags
 from qmm_plugin.paper.viz import save_grid, save_manifold_grid
 
 
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="3 steps with a batch of 8 (for tests)")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch_size = 3, 8
+    if args.smoke:  # never overrides a flag given on the command line
+        apply_smoke(args, explicit_flags(p, argv), {"steps": 3, "batch_size": 8})
     use_qmm = not args.no_qmm
     torch.manual_seed(args.seed)
     data = to_model_range(load_mnist()[0])  # the embedded 10k-digit MNIST subset, in [-1, 1]

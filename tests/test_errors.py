@@ -237,3 +237,18 @@ def test_images_in_the_generator_range_give_no_warning(final: nn.Module | None) 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         q.invert(images(q), steps=2)
+
+
+# ------------------------------------------------------------------------------- the paper kit
+def test_corrupt_gzip_idx_body_names_the_file(tmp_path) -> None:
+    from qmm_plugin.paper.data import read_idx, write_idx
+
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    write_idx(torch.arange(200, dtype=torch.uint8), path)
+    data = bytearray(path.read_bytes())
+    for i in range(12, len(data) - 8):  # the deflate body, between the gzip header and trailer
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{path.name}: looks gzip-compressed but could not be decompressed .*"
+                                         "re-download the file"):
+        read_idx(path)

@@ -13,7 +13,15 @@
 * :class:`StopFlag` — Ctrl-C asks the training loop to stop at the next step boundary, where the
   example writes a checkpoint before exiting (a second Ctrl-C aborts at once);
 * :func:`tune_cpu_allocator` — keep freed tensor memory in the process heap (glibc), so a CPU
-  training loop does not page-fault its large activations in afresh every step.
+  training loop does not page-fault its large activations in afresh every step;
+* guards that keep a run from losing work or silently ignoring a flag: :func:`explicit_flags` and
+  :func:`apply_smoke` (``--smoke`` never overrides a flag the user gave), :func:`check_resume_args`
+  / :func:`resume_settings` (``--resume`` continues with the checkpoint's settings, applies the
+  flags that can change and refuses the others), :func:`prepare_output_dir` (``--out`` problems
+  before any training; stale temp files of killed writes removed), :func:`read_checkpoint` (a
+  corrupt checkpoint is named, not unpickled into a traceback) and :func:`nonfinite_entries` /
+  :func:`nonfinite_loss_message` (a NaN/inf loss stops the run before it overwrites the last good
+  checkpoint).
 
 The examples, the study (``benchmarks/reproduce_table1.py``) and the benchmarks import it as
 ``qmm_plugin.paper.training``.
@@ -33,6 +41,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -42,7 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from qmm_plugin.io import atomic_torch_save, atomic_write_text
+from qmm_plugin._checks import check_finite_state
+from qmm_plugin.io import atomic_torch_save, atomic_write_text, remove_stale_temp_files
 
 __all__ = [
     "add_common_args",
@@ -68,9 +78,21 @@ __all__ = [
     "TrainRun",
     "average_gradients",
     "tune_cpu_allocator",
+    "explicit_flags",
+    "apply_smoke",
+    "RESUMABLE_FLAGS",
+    "check_resume_args",
+    "resume_settings",
+    "prepare_output_dir",
+    "read_checkpoint",
+    "nonfinite_entries",
+    "nonfinite_loss_message",
+    "NONFINITE_EXIT",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Exit status of a run stopped by a NaN/inf loss (0: finished, 130: stopped by Ctrl-C).
+NONFINITE_EXIT = 3
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -104,6 +126,143 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, steps: int, ba
                         "tune_cpu_allocator in qmm_plugin/paper/training.py)")
     g.add_argument("--smoke", action="store_true",
                    help="a few steps with a tiny batch and a small FID sample (for tests; seconds)")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> frozenset[str]:
+    """The destinations (``args`` attribute names) of the flags given on the command line ``argv``
+    (``None``: ``sys.argv[1:]``), whatever their value, also when it equals the default.
+
+    Parses ``argv`` once more into a namespace whose every attribute is pre-set to a marker:
+    argparse fills in defaults only for attributes not set yet, so the attributes that lose the
+    marker are exactly the flags given.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> _ = p.add_argument("--steps", type=int, default=400)
+        >>> _ = p.add_argument("--smoke", action="store_true")
+        >>> sorted(explicit_flags(p, ["--steps", "400"]))
+        ['steps']
+    """
+    unset = object()
+    namespace = argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})
+    given = parser.parse_args(argv, namespace=namespace)
+    return frozenset(k for k, v in vars(given).items() if v is not unset)
+
+
+def apply_smoke(args: argparse.Namespace, explicit: frozenset[str] | set[str],
+                values: Mapping[str, Any | Callable[[argparse.Namespace], Any]]) -> frozenset[str]:
+    """``--smoke``: set each flag of ``values`` that the user did not give (``explicit``, from
+    :func:`explicit_flags`); a flag the user gave keeps its value. A callable value gets ``args``
+    after the plain values are set (e.g. ``{"sample_every": lambda a: a.steps}``). Returns the
+    destinations it set.
+
+    Example:
+        >>> a = argparse.Namespace(steps=400, batch_size=8)
+        >>> sorted(apply_smoke(a, {"batch_size"}, {"steps": 4, "batch_size": 20}))
+        ['steps']
+        >>> (a.steps, a.batch_size)
+        (4, 8)
+    """
+    chosen = {k: v for k, v in values.items() if k not in explicit}
+    for key, value in chosen.items():
+        if not callable(value):
+            setattr(args, key, value)
+    for key, value in chosen.items():
+        if callable(value):
+            setattr(args, key, value(args))
+    return frozenset(chosen)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+#: Flags that a ``--resume`` may change: they take effect from the resumed step on (``--lr`` is
+#: applied to the restored optimisers by :class:`TrainRun`). Any other flag that differs from the
+#: checkpoint is refused by :func:`check_resume_args`.
+RESUMABLE_FLAGS = frozenset({
+    "steps", "lr", "device", "out", "sample_every", "ckpt_every", "log_every", "fid_samples", "no_progress",
+    "no_alloc_tuning", "grid_columns",
+})
+#: Flags about this invocation only, never compared with the checkpoint.
+_INVOCATION_FLAGS = frozenset({"resume"})
+
+
+def check_resume_args(saved_args: Mapping[str, Any], saved_step: int, args: argparse.Namespace,
+                      given: frozenset[str] | set[str], changeable: frozenset[str] = RESUMABLE_FLAGS) -> list[str]:
+    """Reconcile the flags of a ``--resume`` with those saved in the checkpoint (``saved_args``,
+    written at step ``saved_step``); changes ``args`` in place.
+
+    * a flag not ``given`` takes the checkpoint's value (the run continues as it was started);
+    * a ``given`` flag that differs from the checkpoint is kept if it is in ``changeable`` (it
+      applies from step ``saved_step + 1``; the returned notes say so), else ``SystemExit`` names
+      it: it would silently not apply (optimiser settings restored from the checkpoint, data,
+      model shape);
+    * ``--steps`` below ``saved_step`` is refused (the run is already past it).
+
+    Returns one note per changed flag.
+
+    Example:
+        >>> a = argparse.Namespace(steps=800, lr=1e-4, seed=0, resume=True)
+        >>> check_resume_args({"steps": 400, "lr": 2e-4, "seed": 0, "resume": False}, 400, a, {"steps", "lr"})
+        ['--steps 800 (the checkpoint has 400): applies from step 401', '--lr 0.0001 (the checkpoint has 0.0002): applies from step 401']
+    """
+    notes: list[str] = []
+    for key, saved in saved_args.items():
+        if key in _INVOCATION_FLAGS or not hasattr(args, key):
+            continue
+        now = getattr(args, key)
+        if now == saved:
+            continue
+        if key not in given:
+            setattr(args, key, saved)
+        elif key in changeable:
+            notes.append(f"{_flag(key)} {now} (the checkpoint has {saved}): applies from step {saved_step + 1}")
+        else:
+            raise SystemExit(
+                f"error: {_flag(key)} {now!r} differs from the checkpoint's {saved!r}, and a resumed run cannot "
+                f"change it (flags that can change: {', '.join(_flag(k) for k in sorted(changeable))}); "
+                f"resume without {_flag(key)}, or start a new run in another --out")
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < saved_step:
+        raise SystemExit(f"error: --steps {steps} is below the checkpoint's step {saved_step}; pass --steps "
+                         f">= {saved_step} to continue it (--steps {saved_step} only re-evaluates it)")
+    return notes
+
+
+def resume_settings(args: argparse.Namespace, given: frozenset[str] | set[str],
+                    changeable: frozenset[str] = RESUMABLE_FLAGS) -> list[str]:
+    """For ``--resume``, before anything is built: read ``OUT/checkpoint.pt`` and
+    :func:`check_resume_args` against the flags it was written with; prints the notes to stderr
+    and returns them. Does nothing without ``--resume``."""
+    if not args.resume:
+        return []
+    ckpt = read_checkpoint(Path(args.out) / CHECKPOINT_NAME)
+    notes = check_resume_args(ckpt.get("args", {}), ckpt["step"], args, given, changeable)
+    for note in notes:
+        print(f"resume: {note}", file=sys.stderr)
+    return notes
+
+
+def prepare_output_dir(out: Path) -> list[Path]:
+    """Check ``--out`` before any training and make it: ``SystemExit`` if it is a file, cannot be
+    created or is not writable, or if ``OUT/checkpoint.pt`` is a folder. Removes the temporary
+    files that killed atomic writes left there (:func:`qmm_plugin.io.remove_stale_temp_files`;
+    call it on the one process that writes) and returns them."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder; pass a folder (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: cannot create the output folder --out {out} ({err.strerror}); pass a folder "
+                         "you can write to") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: the output folder --out {out} is not writable; pass a folder you can write to")
+    if (out / CHECKPOINT_NAME).is_dir():
+        raise SystemExit(f"error: {out / CHECKPOINT_NAME} is a folder; the checkpoint is written there. Move it "
+                         "away or pass another --out")
+    return remove_stale_temp_files(out)
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -146,7 +305,14 @@ def setup_distributed(device: str | None) -> Dist:
         dev = torch.device(f"cuda:{local}" if world > 1 else "cuda") if torch.cuda.is_available() \
             else torch.device("cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise SystemExit(f"error: --device {device!r} is not a torch device ({err}); pass e.g. cpu, cuda "
+                             "or cuda:1") from err
+        if dev.type == "meta":
+            raise SystemExit("error: --device meta holds shapes but no values, so nothing can be trained or "
+                             "measured on it; pass --device cpu or cuda")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"error: --device {device} asked for CUDA but torch.cuda.is_available() is "
                              "False; pass --device cpu")
@@ -281,16 +447,32 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return atomic_torch_save(state, out / CHECKPOINT_NAME)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (on the CPU), with ``SystemExit``
+    naming the file and the fix if it is missing, unreadable or not such a checkpoint."""
+    if not path.is_file():
+        raise SystemExit(f"error: --resume given but {path} does not exist; run without --resume to start "
+                         "a new run, or pass the --out folder of the run to continue")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling/zip/EOF failure: the file is not a usable checkpoint
+        raise SystemExit(
+            f"error: {path} is not a readable checkpoint ({type(err).__name__}: {err}); it is corrupt or was "
+            "written by something else. Checkpoints are written atomically, so it was damaged after "
+            "writing: move it away and start a new run (without --resume), or pass another --out") from err
+    if not isinstance(ckpt, dict) or not {"step", "settings", "modules"} <= set(ckpt):
+        raise SystemExit(f"error: {path} is not a checkpoint of these examples (no step/settings/modules "
+                         "entries); pass the --out folder of an example run")
+    return ckpt
+
+
 def load_checkpoint(out: Path, d: Dist, expect: dict[str, Any]) -> dict[str, Any]:
     """Load ``out/checkpoint.pt`` for ``--resume``; check it belongs to this kind of run.
 
     ``expect``: settings that must match (e.g. ``{"model": "qwgan", "world_size": 2}``).
     """
+    ckpt = read_checkpoint(out / CHECKPOINT_NAME)
     path = out / CHECKPOINT_NAME
-    if not path.is_file():
-        raise SystemExit(f"error: --resume given but {path} does not exist; run without --resume to start "
-                         "a new run, or pass the --out folder of the run to continue")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     for key, value in expect.items():
         if ckpt["settings"].get(key) != value:
             raise SystemExit(f"error: {path} was written with {key}={ckpt['settings'].get(key)!r} but this "
@@ -367,15 +549,54 @@ class StopFlag:
                   "(press Ctrl-C again to abort without saving)", file=sys.stderr)
 
     def should_stop(self) -> bool:
+        return self.poll(False)[0]
+
+    def poll(self, nonfinite: bool) -> tuple[bool, bool]:
+        """``(stop requested, a loss non-finite)`` on any rank: this rank's flags, all-reduced
+        (max) under torchrun so that every rank stops at the same step."""
         if not self.d.enabled:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0],
-                            device=self.d.device if self.d.device.type == "cuda" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            return self.requested, nonfinite
+        flags = torch.tensor([float(self.requested), float(nonfinite)],
+                             device=self.d.device if self.d.device.type == "cuda" else "cpu")
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad = flags.tolist()
+        return stop > 0, bad > 0
 
     def restore(self) -> None:
         signal.signal(signal.SIGINT, self._previous)
+
+
+def nonfinite_entries(row: Mapping[str, Any]) -> dict[str, float]:
+    """The float entries of a step's metrics (losses, R_BA...) that are NaN or inf.
+
+    Example:
+        >>> nonfinite_entries({"step": 3, "loss_d": 0.5, "loss_g": float("nan")})
+        {'loss_g': nan}
+    """
+    return {k: v for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+
+
+def nonfinite_loss_message(bad: Mapping[str, float] | str, step: int, out: Path, last_good_step: int | None,
+                           lr: float | None) -> str:
+    """What a run stopped by a NaN/inf loss says: which values (``bad``: the entries, or a
+    description), that no checkpoint was written over the last good one, and how to resume from it
+    with a lower learning rate.
+
+    Example:
+        >>> print(nonfinite_loss_message({"loss_g": float("inf")}, 7, Path("runs/x"), 5, 2e-4))
+        error: loss_g = inf at step 7 (not finite): training stopped without writing a checkpoint; runs/x/checkpoint.pt (step 5) is left untouched; continue from it with a lower learning rate: the same command with --resume --lr 2e-05
+    """
+    if isinstance(bad, str):
+        what = bad
+    else:
+        what = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a loss on another process"
+    lower = f" --lr {lr / 10:g}" if lr is not None else " and a lower learning rate"
+    if last_good_step is None:
+        how = f"no checkpoint was written yet; start again with a lower learning rate (e.g.{lower})"
+    else:
+        how = (f"{out / CHECKPOINT_NAME} (step {last_good_step}) is left untouched; continue from it with a "
+               f"lower learning rate: the same command with --resume{lower}")
+    return f"error: {what} at step {step} (not finite): training stopped without writing a checkpoint; {how}"
 
 
 def progress(total: int, initial: int, d: Dist, disable: bool, desc: str) -> Any:
@@ -431,6 +652,12 @@ class TrainRun:
     ``run(step_fn, sample_fn)``: ``step_fn(step) -> {metric: float}`` does one training step
     (1-based step numbers); ``sample_fn(step) -> {metric: float}`` runs on rank 0 every
     ``--sample-every`` steps and at the end (writes the grid, returns costly metrics).
+
+    Guards: ``--out`` is checked and its stale temp files removed at construction
+    (:func:`prepare_output_dir`); a resumed run with a changed ``--lr`` applies it to the restored
+    optimisers (every group's rate scaled by new / saved); a NaN/inf value in a step's metrics, or
+    a non-finite parameter when a checkpoint is due, stops the run before that checkpoint is
+    written (:data:`NONFINITE_EXIT`).
     """
 
     def __init__(self, args: argparse.Namespace, d: Dist, settings: dict[str, Any],
@@ -440,12 +667,21 @@ class TrainRun:
         self.out = Path(args.out)
         self.log = MetricsLog(self.out, enabled=d.is_main)
         self.start = 0
+        self.last_checkpoint: int | None = None  # step of the last good checkpoint in --out
+        if d.is_main:
+            for stale in prepare_output_dir(self.out):
+                print(f"removed {stale} (left by an interrupted write)", file=sys.stderr)
         if args.resume:
             ckpt = load_checkpoint(self.out, d, settings)
             for name, m in modules.items():
                 m.load_state_dict(ckpt["modules"][name])
+            saved_lr, lr = ckpt.get("args", {}).get("lr"), getattr(args, "lr", None)
             for name, o in optimizers.items():
                 o.load_state_dict(ckpt["optimizers"][name])
+                if lr is not None and saved_lr and lr != saved_lr:
+                    for group in o.param_groups:
+                        group["lr"] *= lr / saved_lr
+            self.last_checkpoint = ckpt["step"]
             self.log.load_state(ckpt["metrics"])
             set_rng_state(ckpt["rng"][d.rank])
             self.start = ckpt["step"]
@@ -467,9 +703,27 @@ class TrainRun:
                 "modules": {n: m.state_dict() for n, m in self.modules.items()},
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "metrics": self.log.state(), "rng": rng})
+        self.last_checkpoint = step
+
+    def _nonfinite_parameter(self, step: int) -> str | None:
+        """The message of the first module with a NaN/inf parameter or buffer, or None."""
+        for name, m in self.modules.items():
+            try:
+                check_finite_state(m, f"module '{name}'")
+            except ValueError as err:
+                return str(err).split(";")[0]
+        return None
+
+    def _stop_nonfinite(self, bad: Mapping[str, float] | str, step: int) -> int:
+        if self.d.is_main:
+            print(nonfinite_loss_message(bad, step, self.out, self.last_checkpoint, getattr(self.args, "lr", None)),
+                  file=sys.stderr)
+        return NONFINITE_EXIT
 
     def run(self, step_fn: Any, sample_fn: Any, desc: str) -> int:
-        """Train from ``self.start`` to ``--steps``; returns 0, or 130 after a Ctrl-C stop."""
+        """Train from ``self.start`` to ``--steps``; returns 0, 130 after a Ctrl-C stop, or
+        :data:`NONFINITE_EXIT` when a metric turned NaN/inf (no checkpoint written over the last
+        good one)."""
         a, d = self.args, self.d
         stop = StopFlag(d)
         bar = progress(a.steps, self.start, d, a.no_progress, desc)
@@ -478,6 +732,10 @@ class TrainRun:
             for step in range(self.start + 1, a.steps + 1):
                 row: dict[str, float | int] = {"step": step, **step_fn(step)}
                 bar.update(1)
+                bad = nonfinite_entries(row)
+                stop_requested, any_bad = stop.poll(bool(bad))
+                if any_bad:
+                    return self._stop_nonfinite(bad, step)
                 sample = every(step, a.sample_every, a.steps)
                 if sample and d.is_main:
                     row.update(sample_fn(step))
@@ -485,12 +743,13 @@ class TrainRun:
                     row["sec_per_step"] = (time.perf_counter() - t0) / (step - self.start)
                     self.log.log(row)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k.startswith("loss")})
-                checkpointed = every(step, a.ckpt_every, a.steps)
+                checkpointed = every(step, a.ckpt_every, a.steps) or stop_requested
                 if checkpointed:
+                    broken = self._nonfinite_parameter(step)
+                    if broken is not None:  # keep the last good checkpoint
+                        return self._stop_nonfinite(broken, step)
                     self.checkpoint(step)
-                if stop.should_stop():
-                    if not checkpointed:
-                        self.checkpoint(step)
+                if stop_requested:
                     if d.is_main:
                         print(f"stopped at step {step}; checkpoint written, continue with --resume",
                               file=sys.stderr)
