@@ -74,6 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qmm_plugin import fit_codes
 from qmm_plugin.io import atomic_write_text
 from qmm_plugin.paper.data import load_mnist, to_model_range
 from qmm_plugin.paper.gan_families import make_family
@@ -273,32 +274,9 @@ def load_vae(run_dir: Path) -> tuple[nn.Module, nn.Module]:
     return q.eval(), enc.eval()
 
 
-def fit_latent(forward: Callable[[Tensor, Tensor], Tensor], x: Tensor, z0: Tensor, index: Tensor, *, steps: int,
-               lr: float = 0.1, final_lr_ratio: float = 0.01) -> tuple[Tensor, Tensor]:
-    """Eq. 3 restricted to the trained biases (the μ → ∞ limit with a_l = a_l^(i)): Adam on the
-    codes ``z`` only, ``min_z ||x - f(z; manifold index)||²`` per row, from ``z0``; the step size
-    decays exponentially from ``lr`` to ``lr * final_lr_ratio``. Rows are independent (Adam is
-    element-wise; eval mode). Returns ``(best z, best loss)`` per row."""
-    z = z0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: final_lr_ratio ** (t / max(steps - 1, 1)))
-    best = torch.full((x.shape[0],), math.inf)
-    best_z = z0.detach().clone()
-    for _ in range(steps):
-        loss = (forward(z, index) - x).pow(2).flatten(1).sum(1)
-        with torch.no_grad():
-            better = loss < best
-            best = torch.where(better, loss.detach(), best)
-            best_z[better] = z.detach()[better]
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        sched.step()
-    return best_z, best
-
-
 class LatentEncoder:
-    """The GAN encoder of the disentanglement score: a latent-only fit on the trained manifolds.
+    """The GAN encoder of the disentanglement score: Eq. 3 on the trained manifolds, codes only
+    (:func:`qmm_plugin.fit_codes`).
 
     Stage 1: each source image (untransformed) is fitted on every one of the A manifolds
     (generators) from one shared random start; the best manifold and its code are kept.
@@ -320,8 +298,7 @@ class LatentEncoder:
         n, a = sources.shape[0], num_manifolds
         z0 = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed)).repeat_interleave(a, 0)
         index = torch.arange(a).repeat(n)
-        with torch.enable_grad():
-            z, loss = fit_latent(forward, sources.repeat_interleave(a, 0), z0, index, steps=steps)
+        z, loss = fit_codes(forward, sources.repeat_interleave(a, 0), index, z_init=z0, steps=steps)
         pick = loss.view(n, a).argmin(1)
         self.z = z.view(n, a, z_dim)[torch.arange(n), pick]
         self.manifold = pick
@@ -333,8 +310,7 @@ class LatentEncoder:
                              f"(disentanglement_score batch_size = num_images * strengths), got {x.shape[0]}")
         z0 = self.z.repeat_interleave(self.strengths, 0)
         index = self.manifold.repeat_interleave(self.strengths, 0)
-        with torch.enable_grad():  # disentanglement_score calls the encoder under no_grad
-            return fit_latent(self.forward, x, z0, index, steps=self.steps)[0]
+        return fit_codes(self.forward, x, index, z_init=z0, steps=self.steps)[0]
 
 
 def make_encoder(model: str, run_dir: Path, b: Budget, seed: int, sources: Tensor) -> Callable[[Tensor], Tensor]:
@@ -697,8 +673,8 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
     lines += [f"MNIST-FID: {b.fid_samples} generated images vs {', '.join(map(str, fid_imgs))} test digits"
               + (f" (for scale, {b.fid_samples} real training digits score {ref[0]:.2f})" if ref else "")
               + ". Disentanglement: "
-              f"{b.dis_images} test digits × {b.dis_strengths} strengths; GAN encoder: latent-only fit on "
-              f"the trained manifolds, {b.inversion_steps} Adam steps per stage. Seeds: {', '.join(map(str, n_seeds))}.", "",
+              f"{b.dis_images} test digits × {b.dis_strengths} strengths; GAN encoder: Eq. 3 on "
+              f"the trained manifolds, codes only (qmm_plugin.fit_codes), at most {b.inversion_steps} Adam steps per stage. Seeds: {', '.join(map(str, n_seeds))}.", "",
               "| model | MNIST-FID (ours) | FID (paper) | Dis. slant (ours) | (paper) | Dis. width (ours) | (paper) |",
               "|---|---|---|---|---|---|---|"]
     for m in models:

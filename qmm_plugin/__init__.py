@@ -11,12 +11,14 @@ machinery) is the subpackage :mod:`qmm_plugin.paper`, imported on demand.
 """
 
 from . import io, ops
+from .analytic_encoder import AnalyticEncoder, analytic_encoder
 from .convert import QuotientMixin, QuotientModel, convert, register_layer_type
-from .inversion import AnalyticEncoder, Inversion, analytic_encoder, invert, sample_manifold
+from .inversion import Inversion, fit_codes, invert
 from .conv import MultiBiasConv2d, MultiBiasConvTranspose2d
 from .layer import MultiBiasLayer, MultiBiasLinear
 from .regularizer import align_biases_
 from .routing import ManifoldSelection, use_manifold
+from .sampling import sample_manifold
 
 __all__ = [
     "convert",
@@ -32,6 +34,7 @@ __all__ = [
     "align_biases_",
     "Inversion",
     "invert",
+    "fit_codes",
     "sample_manifold",
     "analytic_encoder",
     "AnalyticEncoder",

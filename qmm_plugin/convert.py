@@ -27,11 +27,12 @@ from torch import Tensor, nn
 
 from ._checks import check_real
 from .conv import MultiBiasConv2d, MultiBiasConvTranspose2d
-from .inversion import Inversion, invert, sample_manifold
+from .inversion import Inversion, invert
 from .layer import MultiBiasLayer, MultiBiasLinear, check_explicit_bias
 from .regularizer import DEFAULT_EPS, ba_regularizer_terms, tangential_spread
 from .routing import (Manifold, ManifoldSelection, ModelKey, active_selection, check_manifold, close_selection,
                       open_selection, pinned_manifold)
+from .sampling import sample_manifold
 
 
 __all__ = ["convert", "QuotientModel", "QuotientMixin", "MULTI_BIAS_TYPES", "register_layer_type"]
@@ -374,7 +375,7 @@ class QuotientMixin:
 
     def sample_manifold(self: Any, inv: Inversion, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` fresh samples on each inverted image's derived manifold (same biases, new z;
-        Fig. 5-6): ``(B, n, *image)``. See :func:`qmm_plugin.inversion.sample_manifold`."""
+        Fig. 5-6): ``(B, n, *image)``. See :func:`qmm_plugin.sampling.sample_manifold`."""
         return sample_manifold(_as_wrapper(self), inv, n, generator=generator)
 
 

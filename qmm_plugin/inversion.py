@@ -1,5 +1,4 @@
-r"""Encoding images into the quotient space (Eq. 3), deriving new manifolds, and the explicit
-encoder of Proposition 1.
+r"""Encoding images into the quotient space: the Eq. 3 fit.
 
 :func:`invert` solves Eq. 3 of the paper for every image of a batch at once,
 
@@ -11,7 +10,9 @@ encoder of Proposition 1.
 with free per-image biases :math:`a_l` and :math:`\bar a_l` the mean of the trained biases of
 layer :math:`l` (their shared tangential part once the banks are aligned). Fixing
 :math:`\{a_l^*\}` and drawing new :math:`z` samples the *derived* manifold of the image
-(:func:`sample_manifold`; the operation of the paper's Fig. 5 and 6).
+(:func:`qmm_plugin.sampling.sample_manifold`; the operation of the paper's Fig. 5 and 6).
+:func:`fit_codes` is the same fit with every bias fixed to a trained one (codes only), for any
+generator given as ``forward(z, manifold)``; ``invert(manifolds="trained")`` runs it.
 
 Bias parametrisations (``bias_mode``):
 
@@ -63,8 +64,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -73,17 +73,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import check_finite_state, check_int, check_real
+from ._generator import check_returned, frozen_eval, infer_z_dim, param_like
 from .layer import MultiBiasLayer, MultiBiasLinear
 from .regularizer import DEFAULT_EPS, tangential_basis
-from .routing import ModelKey
 
 if TYPE_CHECKING:
     from .convert import QuotientModel
 
-__all__ = ["Inversion", "invert", "sample_manifold", "analytic_encoder", "AnalyticEncoder"]
+__all__ = ["Inversion", "invert", "fit_codes"]
 
 BiasMode = Literal["normal", "penalty"]
 ManifoldMode = Literal["free", "trained"]
+#: the per-row losses of one optimisation step, ``(rows,)``
+RowObjective = Callable[[], Tensor]
 #: std of the noise added to a_bar to start the penalty-mode biases (Eq. 3 is -inf-steep at a_bar)
 PENALTY_INIT_STD = 0.01
 
@@ -131,17 +133,7 @@ def _fingerprint(q: QuotientModel) -> str:
     return f"A={q.num_biases};{layers}"
 
 
-def _check_returned(q: object, fn: str) -> None:
-    """Refuse anything but the :class:`~qmm_plugin.QuotientModel` that :func:`~qmm_plugin.convert`
-    returned: its ``.model`` is a converted model (with a routing key), it is not one itself."""
-    model = getattr(q, "model", None)
-    if (not isinstance(getattr(q, "_qmm_key", None), ModelKey) or hasattr(type(q), "_qmm_base")
-            or not hasattr(type(model), "_qmm_base")):
-        hint = f"; on the converted model itself call model.{fn}(...)" if fn == "invert" else ""
-        raise TypeError(f"{fn} expects the QuotientModel that qmm_plugin.convert returned, got {type(q).__name__}{hint}")
-
-
-def _check_owner(q: QuotientModel, inv: Inversion) -> None:
+def check_owner(q: QuotientModel, inv: Inversion) -> None:
     if not isinstance(inv, Inversion):
         raise TypeError(f"expected an Inversion returned by q.invert(x), got {type(inv).__name__}")
     if inv.model_fingerprint != _fingerprint(q) or inv.model_id != id(q.model):
@@ -152,42 +144,6 @@ def _check_owner(q: QuotientModel, inv: Inversion) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
-@contextmanager
-def _frozen_eval(q: nn.Module) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` everywhere; both restored on exit."""
-    modes = [(m, m.training) for m in q.modules()]
-    flags = [(p, p.requires_grad) for p in q.parameters()]
-    try:
-        q.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _param_like(q: nn.Module) -> Tensor:
-    for p in q.parameters():
-        return p
-    raise ValueError("the model has no parameters")
-
-
-def _infer_z_dim(q: QuotientModel, z_dim: int | None) -> int:
-    if z_dim is not None:
-        if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
-            raise ValueError(f"z_dim must be a positive int, got {z_dim!r}")
-        return z_dim
-    declared = getattr(q.model, "z_dim", None)
-    if isinstance(declared, int) and not isinstance(declared, bool):
-        return declared
-    first = next(iter(q.multi_bias_layers().values()))
-    # a convolution first: its input channels (the probe then says whether (B, d) codes fit)
-    return first.in_features if isinstance(first, MultiBiasLinear) else first.in_channels
-
-
 @dataclass(frozen=True)
 class _OutputRange:
     """The value range of the generator's images: bounded by a final activation (``exact``) or
@@ -231,7 +187,7 @@ def _probe_output(q: QuotientModel, z_dim: int, like: Tensor) -> tuple[torch.Siz
 
     handles = [m.register_forward_hook(hook) for m in q.model.modules() if not list(m.children())]
     try:
-        with _frozen_eval(q), torch.no_grad():
+        with frozen_eval(q), torch.no_grad():
             out = q(z, manifold=index)
     except Exception as err:  # re-raised with the fix
         raise ValueError(
@@ -408,11 +364,190 @@ def _per_image_sq_error(x: Tensor, y: Tensor) -> Tensor:
     return (x - y).pow(2).flatten(1).sum(1)
 
 
+def _check_schedule(steps: int, lr: float, tol: float, window: int, min_lr_ratio: float
+                    ) -> tuple[float, float, float]:
+    """Checks the fit's schedule arguments; returns ``(lr, tol, min_lr_ratio)`` as floats."""
+    check_int(steps, "steps", meaning="cap on Adam steps")
+    check_int(window, "window", meaning="steps per plateau check")
+    lr = check_real(lr, "lr", low=0.0, low_open=True, meaning="Adam learning rate")
+    tol = check_real(tol, "tol", low=0.0, meaning="relative improvement per window that counts as progress")
+    min_lr_ratio = check_real(min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0,
+                              meaning="an image is done once its step size fell below lr * min_lr_ratio")
+    return lr, tol, min_lr_ratio
+
+
+def _fit_rows(objective: RowObjective, params: list[Tensor], *, steps: int, lr: float, tol: float, window: int,
+              min_lr_ratio: float, after_step: Callable[[Tensor], None] | None = None, progress: bool = False
+              ) -> tuple[int, float]:
+    """The optimiser loop of Eq. 3: minimise ``objective()`` (one loss per row, ``(rows,)``) over
+    ``params`` (each ``(rows, k)``) with per-row Adam and the per-row reduce-on-plateau schedule of
+    the module docstring. ``after_step(active)`` runs after every Adam step with the mask of rows
+    not yet done (normal mode's projection). Leaves every row of ``params`` at its best point;
+    returns ``(steps run, seconds)``. Needs autograd on."""
+    like = params[0]
+    rows = like.shape[0]
+    opt = _RowAdam(params, lr, rows)
+    best = torch.full((rows,), math.inf, device=like.device, dtype=like.dtype)
+    best_params = [p.detach().clone() for p in params]
+    window_ref = best.clone()
+    done = torch.zeros(rows, dtype=torch.bool, device=like.device)
+    ran = 0
+    bar = tqdm(range(steps), desc="invert (Eq. 3)", disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    for step in bar:
+        for p in params:
+            p.grad = None
+        loss = objective()
+        with torch.no_grad():
+            better = (loss < best) & ~done
+            best = torch.where(better, loss.detach(), best)
+            for p, bp in zip(params, best_params, strict=True):
+                bp.copy_(torch.where(better.unsqueeze(1), p.detach(), bp))
+        loss.sum().backward()
+        opt.step(~done)
+        if after_step is not None:
+            after_step(~done)
+        ran = step + 1
+        if ran % window == 0:
+            with torch.no_grad():
+                stalled = (window_ref - best <= tol * best.abs()) & ~done
+                window_ref = best.clone()
+                # plateau: restart a stalled row from its best point with half the step size;
+                # it is done once the step size fell below lr * min_lr_ratio
+                opt.lr[stalled] *= 0.5
+                for p, bp in zip(params, best_params, strict=True):
+                    p.copy_(torch.where(stalled.unsqueeze(1), bp, p))
+                done |= opt.lr < lr * min_lr_ratio
+            if progress:
+                bar.set_postfix(loss=f"{float(best.mean()):.4g}", done=f"{float(done.float().mean()):.0%}")
+            if bool(done.all()):
+                break
+    seconds = time.perf_counter() - t0
+    bar.close()
+    with torch.no_grad():
+        for p, bp in zip(params, best_params, strict=True):
+            p.copy_(bp)
+    return ran, seconds
+
+
+def _fit_codes(forward: Callable[[Tensor, Tensor], Tensor], x: Tensor, manifold: Tensor, z_init: Tensor, *,
+               steps: int, lr: float, tol: float, window: int, min_lr_ratio: float, progress: bool
+               ) -> tuple[Tensor, Tensor, int, float]:
+    """Codes-only fit (autograd on): ``(z, loss, steps run, seconds)``."""
+    z = z_init.detach().clone().requires_grad_(True)
+
+    def objective() -> Tensor:
+        return _per_image_sq_error(x, forward(z, manifold))
+
+    ran, seconds = _fit_rows(objective, [z], steps=steps, lr=lr, tol=tol, window=window,
+                             min_lr_ratio=min_lr_ratio, progress=progress)
+    with torch.no_grad():
+        loss = objective()
+    return z.detach(), loss, ran, seconds
+
+
+def fit_codes(forward: Callable[[Tensor, Tensor], Tensor], x: Tensor, manifold: Tensor, *, z_init: Tensor,
+              steps: int = 6000, lr: float = 0.1, tol: float = 1e-3, window: int = 50, min_lr_ratio: float = 1e-3,
+              progress: bool = False) -> tuple[Tensor, Tensor]:
+    r"""Eq. 3 with every bias fixed to a trained one: :math:`\min_z \lVert x - f(z; a^{(i)}) \rVert^2`
+    per image, over the codes only.
+
+    The :math:`\mu \to \infty` limit of Eq. 3 with :math:`a_l = a_l^{(i)}`, for any generator that
+    maps codes and manifold indices to images: a converted generator
+    (``lambda z, i: q(z, manifold=i)``; ``invert(manifolds="trained")`` runs this fit) or a bank of
+    separate generators. Same per-image Adam and stopping rule as :func:`invert`; runs with autograd
+    on also under ``torch.no_grad()``.
+
+    Args:
+        forward: ``forward(z (B, d), manifold (B,) long) -> images (B, ...)``. Put the generator
+            in eval mode and freeze its parameters first (``requires_grad_(False)``): the fit
+            differentiates through it.
+        x: ``(B, ...)`` target images.
+        manifold: ``(B,)`` long, the trained manifold each image is fitted on.
+        z_init: ``(B, d)`` starting codes (warm starts, or draws from the prior).
+        steps, lr, tol, window, min_lr_ratio, progress: as for :func:`invert`.
+
+    Returns:
+        ``(z, loss)``: each image's best code ``(B, d)`` and its squared error ``(B,)`` (sum over
+        pixels).
+
+    Example::
+
+        >>> import torch, qmm_plugin
+        >>> q = qmm_plugin.convert(torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+        ...                                            torch.nn.Linear(16, 20)), num_biases=3)
+        >>> _ = q.requires_grad_(False)
+        >>> x = q(torch.randn(4, 2), manifold=1)
+        >>> z, loss = qmm_plugin.fit_codes(lambda z, i: q(z, manifold=i), x, torch.ones(4, dtype=torch.long),
+        ...                                z_init=torch.zeros(4, 2), steps=300)
+        >>> z.shape, loss.shape
+        (torch.Size([4, 2]), torch.Size([4]))
+    """
+    lr, tol, min_lr_ratio = _check_schedule(steps, lr, tol, window, min_lr_ratio)
+    for name, t in (("x", x), ("manifold", manifold), ("z_init", z_init)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fit_codes: {name} must be a tensor, got {type(t).__name__}")
+    b = x.shape[0] if x.dim() > 0 else 0
+    if b < 1:
+        raise ValueError(f"fit_codes: x must be a batch of images (B, ...), got shape {tuple(x.shape)}")
+    if manifold.shape != (b,) or manifold.dtype != torch.long:
+        raise ValueError(f"fit_codes: manifold must be a (B,) = ({b},) long tensor of manifold indices, got "
+                         f"{manifold.dtype} {tuple(manifold.shape)}")
+    if z_init.dim() != 2 or z_init.shape[0] != b:
+        raise ValueError(f"fit_codes: z_init must be ({b}, z_dim) starting codes, one per image, got "
+                         f"{tuple(z_init.shape)}")
+    if not (x.device == manifold.device == z_init.device):
+        raise ValueError(f"fit_codes: x, manifold and z_init must be on one device, got {x.device}, "
+                         f"{manifold.device}, {z_init.device}; move them with .to(device)")
+    with torch.inference_mode(False), torch.enable_grad():
+        z, loss, _, _ = _fit_codes(forward, x.detach().clone(), manifold.clone(), z_init.clone(), steps=steps,
+                                   lr=lr, tol=tol, window=window, min_lr_ratio=min_lr_ratio, progress=progress)
+    return z, loss
+
+
+def _start_codes(z_init: Tensor | None, b: int, restarts: int, d: int, gen: torch.Generator, like: Tensor
+                 ) -> Tensor:
+    """``(B, restarts, d)`` starting codes: ``z_init``, or draws from N(0, I) (image b's starts do not
+    depend on the batch size: prefix-consistent draws)."""
+    if z_init is None:
+        return torch.randn(b, restarts, d, generator=gen, dtype=like.dtype).to(like.device)
+    if tuple(z_init.shape) == (b, d) and restarts == 1:
+        z_init = z_init.unsqueeze(1)
+    return z_init.detach().clone()
+
+
+def _check_z_init(z_init: object, b: int, restarts: int, d: int, like: Tensor) -> None:
+    if z_init is None:
+        return
+    if not isinstance(z_init, Tensor):
+        raise TypeError(f"z_init must be a tensor of starting codes, got {type(z_init).__name__}")
+    ok = tuple(z_init.shape) == (b, restarts, d) or (restarts == 1 and tuple(z_init.shape) == (b, d))
+    if not ok:
+        want = f"({b}, {d}) or ({b}, 1, {d})" if restarts == 1 else f"({b}, {restarts}, {d})"
+        raise ValueError(f"z_init has shape {tuple(z_init.shape)}; expected {want}: one starting code per image "
+                         "and restart (z_dim from the generator)")
+    if z_init.device != like.device or z_init.dtype != like.dtype:
+        raise ValueError(f"z_init is {z_init.dtype} on {z_init.device} but the generator computes in {like.dtype} "
+                         f"on {like.device}; use z_init.to({str(like.device)!r}, {like.dtype})")
+    if not bool(torch.isfinite(z_init).all()):
+        raise ValueError("z_init contains NaN or inf values; pass finite starting codes")
+
+
+def _check_manifold_index(index: Tensor, b: int, a: int, like: Tensor) -> Tensor:
+    if index.shape != (b,) or index.dtype != torch.long:
+        raise ValueError(f"manifolds as a tensor must be ({b},) long manifold indices (one per image), got "
+                         f"{index.dtype} {tuple(index.shape)}")
+    if int(index.min()) < 0 or int(index.max()) >= a:
+        raise ValueError(f"manifold indices must lie in [0, {a}) (A = {a} trained biases), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    return index.to(like.device)
+
+
 # ------------------------------------------------------------------------------------ invert
 def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, mu: float = 0.05,
-           restarts: int = 1, manifolds: ManifoldMode = "free", bias_mode: BiasMode = "normal",
+           restarts: int = 1, manifolds: ManifoldMode | Tensor = "free", bias_mode: BiasMode = "normal",
            tol: float = 1e-3, window: int = 50, min_lr_ratio: float = 1e-3, z_dim: int | None = None,
-           seed: int | None = None, progress: bool = False) -> Inversion:
+           z_init: Tensor | None = None, seed: int | None = None, progress: bool = False) -> Inversion:
     r"""Encode a batch of images by Eq. 3: recover each image's code and (derived) manifold.
 
     Args:
@@ -424,10 +559,11 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
         steps: cap on Adam steps (the fit stops earlier once every image converged).
         lr: Adam learning rate (paper: 0.1).
         mu: weight of the log penalty of Eq. 3 (``bias_mode="penalty"`` only; paper: 0.05).
-        restarts: independent random starts per image; the best objective per image is kept.
+        restarts: independent starts per image; the best objective per image is kept.
         manifolds: ``"free"``: free per-image biases (Eq. 3; the image may lie on an untrained,
             derived manifold). ``"trained"``: biases restricted to the A trained ones; every
-            (restart, manifold) pair is fitted over z and the best is kept per image.
+            (restart, manifold) pair is fitted over z (:func:`fit_codes`) and the best is kept per
+            image. A ``(B,)`` long tensor: each image fitted over z on its given trained manifold.
         bias_mode: ``"normal"`` (default; exact tangential constraint, the :math:`\mu\to\infty`
             limit that recovers the quotient map) or ``"penalty"`` (the paper's soft penalty).
             See the module docstring for why.
@@ -437,7 +573,9 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
             fell below ``lr * min_lr_ratio``. The fit ends when every image is done (or at ``steps``).
         z_dim: latent size (default: ``q.model.z_dim`` if the model has one, else the input size
             of the first converted layer).
-        seed: seed of the random starting codes :math:`z \sim \mathcal N(0, I)`.
+        z_init: starting codes, ``(B, z_dim)`` (``restarts=1``) or ``(B, restarts, z_dim)``, e.g.
+            warm starts from an earlier fit; default: draws :math:`z \sim \mathcal N(0, I)`.
+        seed: seed of the random starting codes (and of the penalty-mode bias starts).
         progress: show a tqdm bar.
 
     Runs with autograd on also when called under ``torch.no_grad()`` or
@@ -456,129 +594,93 @@ def invert(q: QuotientModel, x: Tensor, *, steps: int = 6000, lr: float = 0.1, m
         >>> inv.z.shape, inv.manifold.shape
         (torch.Size([4, 2]), torch.Size([4]))
     """
-    _check_returned(q, "invert")
-    check_int(steps, "steps", meaning="cap on Adam steps")
-    check_int(restarts, "restarts", meaning="random starts per image")
-    check_int(window, "window", meaning="steps per plateau check")
+    check_returned(q, "invert")
+    lr, tol, min_lr_ratio = _check_schedule(steps, lr, tol, window, min_lr_ratio)
+    check_int(restarts, "restarts", meaning="starts per image")
     mu = check_real(mu, "mu", low=0.0, meaning="the weight of the log penalty of Eq. 3")
-    lr = check_real(lr, "lr", low=0.0, low_open=True, meaning="Adam learning rate")
-    tol = check_real(tol, "tol", low=0.0, meaning="relative improvement per window that counts as progress")
-    min_lr_ratio = check_real(min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0,
-                              meaning="an image is done once its step size fell below lr * min_lr_ratio")
-    if manifolds not in ("free", "trained"):
-        raise ValueError(f"manifolds must be 'free' (Eq. 3, free biases) or 'trained' (the A trained biases), "
-                         f"got {manifolds!r}")
+    if not isinstance(manifolds, Tensor) and manifolds not in ("free", "trained"):
+        raise ValueError(f"manifolds must be 'free' (Eq. 3, free biases), 'trained' (the A trained biases) or a "
+                         f"(B,) tensor of manifold indices, got {manifolds!r}")
     if bias_mode not in ("normal", "penalty"):
         raise ValueError(f"bias_mode must be 'normal' (exact tangential constraint) or 'penalty' (the paper's "
                          f"soft log penalty), got {bias_mode!r}")
-    like = _param_like(q)
+    like = param_like(q)
     check_finite_state(q, "invert")
-    d = _infer_z_dim(q, z_dim)
+    d = infer_z_dim(q, z_dim)
     shape, out_range = _probe_output(q, d, like)
     _check_images(x, shape, like)
     _warn_outside_range(x, out_range)
+    if isinstance(manifolds, Tensor):
+        manifolds = _check_manifold_index(manifolds, x.shape[0], q.num_biases, like)
+    _check_z_init(z_init, x.shape[0], restarts, d, like)
     # evaluation code runs under no_grad/inference_mode as a rule; the fit needs autograd
     with torch.inference_mode(False), torch.enable_grad():
         return _fit_eq3(q, x.clone() if x.is_inference() else x, d, steps=steps, lr=lr, mu=mu,
                         restarts=restarts, manifolds=manifolds, bias_mode=bias_mode, tol=tol, window=window,
-                        min_lr_ratio=min_lr_ratio, seed=seed, progress=progress)
+                        min_lr_ratio=min_lr_ratio, z_init=z_init, seed=seed, progress=progress)
 
 
 def _fit_eq3(q: QuotientModel, x: Tensor, d: int, *, steps: int, lr: float, mu: float, restarts: int,
-             manifolds: ManifoldMode, bias_mode: BiasMode, tol: float, window: int, min_lr_ratio: float,
-             seed: int | None, progress: bool) -> Inversion:
+             manifolds: ManifoldMode | Tensor, bias_mode: BiasMode, tol: float, window: int, min_lr_ratio: float,
+             z_init: Tensor | None, seed: int | None, progress: bool) -> Inversion:
     """The body of :func:`invert` once its arguments are checked (autograd on)."""
-    like = _param_like(q)
+    like = param_like(q)
     layers = q.multi_bias_layers()
     a = q.num_biases
     b = x.shape[0]
-    per_image = restarts * (a if manifolds == "trained" else 1)  # candidates per image
-    rows = b * per_image
     gen = torch.Generator(device="cpu")
     if seed is not None:
         gen.manual_seed(seed)
     else:
         gen.seed()
-    # (B, R, d): image b's starts do not depend on the batch size (prefix-consistent draws)
-    z0 = torch.randn(b, restarts, d, generator=gen, dtype=like.dtype).to(like.device)
-    if manifolds == "trained":
-        z0 = z0.unsqueeze(2).expand(b, restarts, a, d)
-        index = torch.arange(a, device=like.device).repeat(b * restarts)
-    x_rep = x.detach().repeat_interleave(per_image, 0)
+    z0 = _start_codes(z_init, b, restarts, d, gen, like)  # (B, R, d)
+    schedule = {"steps": steps, "lr": lr, "tol": tol, "window": window, "min_lr_ratio": min_lr_ratio}
 
-    with _frozen_eval(q):
-        z = z0.reshape(rows, d).clone().requires_grad_(True)
-        bias_params = _BiasParams(layers, rows, bias_mode, float(mu), gen) if manifolds == "free" else None
-        params = [z] + (list(bias_params.params.values()) if bias_params else [])
+    with frozen_eval(q):
+        if isinstance(manifolds, str) and manifolds == "free":
+            per_image = restarts
+            x_rep = x.detach().repeat_interleave(per_image, 0)
+            z = z0.reshape(b * per_image, d).clone().requires_grad_(True)
+            bias_params = _BiasParams(layers, b * per_image, bias_mode, float(mu), gen)
 
-        def objective() -> tuple[Tensor, dict[str, Tensor] | None, Tensor]:
-            if bias_params is None:
-                out = q(z, manifold=index)
-                return _per_image_sq_error(x_rep, out), None, out
-            biases = bias_params.biases()
-            out = q(z, biases=biases)
-            loss = _per_image_sq_error(x_rep, out)
-            pen = bias_params.penalty(biases)
-            return (loss if pen is None else loss + pen), biases, out
+            def objective() -> tuple[Tensor, dict[str, Tensor], Tensor]:
+                biases = bias_params.biases()
+                out = q(z, biases=biases)
+                loss = _per_image_sq_error(x_rep, out)
+                pen = bias_params.penalty(biases)
+                return (loss if pen is None else loss + pen), biases, out
 
-        opt = _RowAdam(params, lr, rows)
-        best = torch.full((rows,), math.inf, device=like.device, dtype=like.dtype)
-        best_params = [p.detach().clone() for p in params]
-        window_ref = best.clone()
-        done = torch.zeros(rows, dtype=torch.bool, device=like.device)
-        ran = 0
-        bar = tqdm(range(steps), desc="invert (Eq. 3)", disable=not progress, leave=False)
-        t0 = time.perf_counter()
-        for step in bar:
-            for p in params:
-                p.grad = None
-            loss, _, _ = objective()
+            ran, fit_seconds = _fit_rows(lambda: objective()[0], [z, *bias_params.params.values()], **schedule,
+                                         after_step=bias_params.project_, progress=progress)
             with torch.no_grad():
-                better = (loss < best) & ~done
-                best = torch.where(better, loss.detach(), best)
-                for p, bp in zip(params, best_params, strict=True):
-                    bp.copy_(torch.where(better.unsqueeze(1), p.detach(), bp))
-            loss.sum().backward()
-            opt.step(~done)
-            if bias_params is not None:
-                bias_params.project_(~done)
-            ran = step + 1
-            if ran % window == 0:
-                with torch.no_grad():
-                    stalled = (window_ref - best <= tol * best.abs()) & ~done
-                    window_ref = best.clone()
-                    # plateau: restart a stalled image from its best point with half the step size;
-                    # it is done once the step size fell below lr * min_lr_ratio
-                    opt.lr[stalled] *= 0.5
-                    for p, bp in zip(params, best_params, strict=True):
-                        p.copy_(torch.where(stalled.unsqueeze(1), bp, p))
-                    done |= opt.lr < lr * min_lr_ratio
-                if progress:
-                    bar.set_postfix(loss=f"{float(best.mean()):.4g}", done=f"{float(done.float().mean()):.0%}")
-                if bool(done.all()):
-                    break
-        fit_seconds = time.perf_counter() - t0
-        bar.close()
-
-        with torch.no_grad():
-            for p, bp in zip(params, best_params, strict=True):
-                p.copy_(bp)
-            loss, biases, out = objective()
-            pick = loss.view(b, per_image).argmin(1)
-            rows_kept = torch.arange(b, device=like.device) * per_image + pick
-            z_best = z.detach()[rows_kept]
-            if biases is None:
-                manifold = index[rows_kept]
-                biases_best = {p: m.bias_bank.detach()[manifold] for p, m in layers.items()}
-            else:
+                loss, biases, out = objective()
+                rows_kept = torch.arange(b, device=like.device) * per_image + loss.view(b, per_image).argmin(1)
+                z_best = z.detach()[rows_kept]
                 biases_best = {p: v.detach()[rows_kept] for p, v in biases.items()}
                 manifold = _nearest_trained(q, x, z_best)
-            result = Inversion(
-                z=z_best, biases=biases_best, manifold=manifold, loss=loss.detach()[rows_kept],
-                reconstruction=out.detach()[rows_kept], steps=ran, fit_seconds=fit_seconds,
-                bias_mode=bias_mode if manifolds == "free" else "trained",
-                model_fingerprint=_fingerprint(q), model_id=id(q.model))
-    return result
+                loss_best, recon = loss.detach()[rows_kept], out.detach()[rows_kept]
+            kind = bias_mode
+        else:
+            if isinstance(manifolds, Tensor):  # each image on its given manifold
+                per_image = restarts
+                z_rows = z0.reshape(-1, d)
+                index = manifolds.repeat_interleave(restarts)
+            else:  # every (restart, manifold) pair from the same start
+                per_image = restarts * a
+                z_rows = z0.unsqueeze(2).expand(b, restarts, a, d).reshape(-1, d)
+                index = torch.arange(a, device=like.device).repeat(b * restarts)
+            z_all, loss_all, ran, fit_seconds = _fit_codes(
+                lambda z, i: q(z, manifold=i), x.detach().repeat_interleave(per_image, 0), index, z_rows,
+                **schedule, progress=progress)
+            with torch.no_grad():
+                rows_kept = torch.arange(b, device=like.device) * per_image + loss_all.view(b, per_image).argmin(1)
+                z_best, manifold, loss_best = z_all[rows_kept], index[rows_kept], loss_all[rows_kept]
+                biases_best = {p: m.bias_bank.detach()[manifold] for p, m in layers.items()}
+                recon = q(z_best, manifold=manifold)
+            kind = "trained"
+    return Inversion(z=z_best, biases=biases_best, manifold=manifold, loss=loss_best, reconstruction=recon,
+                     steps=ran, fit_seconds=fit_seconds, bias_mode=kind, model_fingerprint=_fingerprint(q),
+                     model_id=id(q.model))
 
 
 def _nearest_trained(q: QuotientModel, x: Tensor, z: Tensor) -> Tensor:
@@ -587,203 +689,3 @@ def _nearest_trained(q: QuotientModel, x: Tensor, z: Tensor) -> Tensor:
     index = torch.arange(a, device=x.device).repeat(b)
     out = q(z.repeat_interleave(a, 0), manifold=index)
     return _per_image_sq_error(x.repeat_interleave(a, 0), out).view(b, a).argmin(1)
-
-
-# ------------------------------------------------------------------------------ derived manifold
-def sample_manifold(q: QuotientModel, inv: Inversion, n: int, *, generator: torch.Generator | None = None
-                    ) -> Tensor:
-    """Draw ``n`` fresh samples on each image's derived manifold (Fig. 5, 6): same biases
-    ``inv.biases``, new codes :math:`z \\sim \\mathcal N(0, I)`.
-
-    Runs without gradient, in eval mode (restored afterwards) so that BatchNorm does not couple
-    the samples. Returns ``(B, n, *image_shape)``.
-    """
-    _check_owner(q, inv)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1 (samples per derived manifold), got {n!r}")
-    b, d = inv.z.shape
-    z = torch.randn(b * n, d, generator=generator, dtype=inv.z.dtype,
-                    device=generator.device if generator is not None else "cpu").to(inv.z.device)
-    biases = {p: v.repeat_interleave(n, 0) for p, v in inv.biases.items()}
-    with _frozen_eval(q), torch.no_grad():
-        out = q(z, biases=biases)
-    return out.view(b, n, *out.shape[1:])
-
-
-# ------------------------------------------------------------------------------ analytic encoder
-class _InverseAffine(nn.Module):
-    r"""``z = W^+ (y - b)``: the left inverse of ``y = W z + b`` (W full column rank)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        super().__init__()
-        w = weight.detach().double()
-        self.register_buffer("pinv", torch.linalg.pinv(w).to(weight.dtype))  # (in, out)
-        self.register_buffer("bias", bias.detach().clone())
-
-    def forward(self, y: Tensor) -> Tensor:
-        return (y - self.bias) @ self.pinv.t()
-
-
-class _InverseLeakyReLU(nn.Module):
-    def __init__(self, slope: Tensor, channel_dim: int = 1) -> None:
-        super().__init__()
-        self.register_buffer("slope", slope.detach().clone())
-        self.channel_dim = channel_dim
-
-    def forward(self, y: Tensor) -> Tensor:
-        s = self.slope
-        if s.numel() > 1:  # PReLU with one slope per channel (dim 1)
-            s = s.view(-1, *([1] * (y.dim() - 2)))
-        return torch.where(y >= 0, y, y / s)
-
-
-class _InverseBatchNorm(nn.Module):
-    def __init__(self, bn: nn.BatchNorm1d) -> None:
-        super().__init__()
-        std = torch.sqrt(bn.running_var.detach() + bn.eps)
-        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(std)
-        beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(std)
-        self.register_buffer("scale", std / gamma)
-        self.register_buffer("shift", beta)
-        self.register_buffer("mean", bn.running_mean.detach().clone())
-
-    def forward(self, y: Tensor) -> Tensor:
-        view = (-1,) + (1,) * (y.dim() - 2)
-        return (y - self.shift.view(view)) * self.scale.view(view) + self.mean.view(view)
-
-
-class _InverseSquash(nn.Module):
-    """atanh / logit, with the input clamped just inside the open range."""
-
-    def __init__(self, kind: Literal["tanh", "sigmoid"]) -> None:
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, y: Tensor) -> Tensor:
-        eps = torch.finfo(y.dtype).eps
-        if self.kind == "tanh":
-            return torch.atanh(y.clamp(-1 + eps, 1 - eps))
-        return torch.logit(y, eps=eps)
-
-
-class _Reshape(nn.Module):
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, y: Tensor) -> Tensor:
-        return y.reshape(y.shape[0], *self.shape)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}"
-
-
-class AnalyticEncoder(nn.Sequential):
-    """The explicit deep encoder :math:`h_E` of Proposition 1: the generator's layers inverted in
-    reverse order (see :func:`analytic_encoder`). ``forward(x: images) -> z``."""
-
-
-def _invert_module(path: str, m: nn.Module, in_shape: tuple[int, ...]) -> nn.Module:
-    name = f"'{path}' ({type(m).__name__})"
-    if isinstance(m, (MultiBiasLinear, nn.Linear)):
-        w = m.weight
-        if w.shape[0] < w.shape[1] or torch.linalg.matrix_rank(w.detach().double()) < w.shape[1]:
-            raise ValueError(f"analytic_encoder: layer {name} with weight {tuple(w.shape)} is not injective "
-                             "(Proposition 1 needs full column rank: out >= in and rank = in)")
-        if isinstance(m, MultiBiasLinear):
-            bias = m.bias_bank.detach().mean(0)  # W^+ only sees the tangential part a_par
-        else:
-            bias = m.bias.detach() if m.bias is not None else torch.zeros_like(w[:, 0])
-        return _InverseAffine(w, bias)
-    if isinstance(m, nn.LeakyReLU):
-        if m.negative_slope <= 0:
-            raise ValueError(f"analytic_encoder: {name} has negative_slope={m.negative_slope} and is not "
-                             "invertible; use a positive slope")
-        return _InverseLeakyReLU(torch.tensor(m.negative_slope))
-    if isinstance(m, nn.PReLU):
-        if bool((m.weight <= 0).any()):
-            raise ValueError(f"analytic_encoder: {name} has a slope <= 0 and is not invertible")
-        return _InverseLeakyReLU(m.weight)
-    if isinstance(m, nn.BatchNorm1d):
-        if m.training or m.running_mean is None:
-            raise ValueError(f"analytic_encoder: {name} normalises with batch statistics; put the model in "
-                             "eval mode (q.eval()) with track_running_stats=True so the layer is a fixed affine map")
-        if m.weight is not None and bool((m.weight == 0).any()):
-            raise ValueError(f"analytic_encoder: {name} has a zero scale and is not invertible")
-        return _InverseBatchNorm(m)
-    if isinstance(m, nn.Tanh):
-        return _InverseSquash("tanh")
-    if isinstance(m, nn.Sigmoid):
-        return _InverseSquash("sigmoid")
-    if isinstance(m, (nn.Flatten, nn.Unflatten)):
-        return _Reshape(in_shape)
-    if isinstance(m, (nn.Identity, nn.Dropout)):
-        return nn.Identity()
-    raise _unsupported(path, m)
-
-
-_INVERTIBLE = (MultiBiasLinear, nn.Linear, nn.LeakyReLU, nn.PReLU, nn.BatchNorm1d, nn.Tanh, nn.Sigmoid,
-               nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
-
-
-def _unsupported(path: str, m: nn.Module) -> ValueError:
-    return ValueError(
-        f"analytic_encoder: cannot invert module '{path}' ({type(m).__name__}); the explicit encoder of "
-        "Proposition 1 supports Linear/MultiBiasLinear (full column rank), LeakyReLU/PReLU (positive slope), "
-        "eval-mode BatchNorm1d, Tanh/Sigmoid, Flatten/Unflatten and Identity/Dropout. Use q.invert(x) (Eq. 3) "
-        "for other generators")
-
-
-def analytic_encoder(q: QuotientModel, *, z_dim: int | None = None, check: bool = True) -> AnalyticEncoder:
-    r"""The explicit encoder :math:`h_E` of Proposition 1 for a converted generator.
-
-    For generators built from Linear/MultiBiasLinear, LeakyReLU/PReLU, eval-mode BatchNorm1d,
-    Tanh/Sigmoid and reshapes (Flatten/Unflatten), each layer is inverted in reverse order: a linear
-    layer by :math:`z = W^+(y - \bar a)` (pseudo-inverse; :math:`W^+` sees only the tangential part
-    of the bias, so one encoder inverts every manifold whose bias shares it — exactly so after
-    :func:`~qmm_plugin.align_biases_`), activations by their inverses. The layers are found by
-    recording which leaf modules one probe forward runs, in order; the first module that cannot be
-    inverted is named in the error. The encoder is a snapshot of the current weights.
-
-    Args:
-        q: the converted generator (put BatchNorm in eval mode first: ``q.eval()``).
-        z_dim: latent size (default as in :func:`invert`).
-        check: verify :math:`h_E(f(z; \bar a)) \approx z` (mean biases) for random codes; an error then
-            means the generator's ``forward`` applies operations outside modules (e.g.
-            ``torch.tanh`` calls), which the encoder cannot see.
-    """
-    _check_returned(q, "analytic_encoder")
-    like = _param_like(q)
-    d = _infer_z_dim(q, z_dim)
-    paths = {m: p for p, m in q.model.named_modules()}
-    trace: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-
-    def hook(m: nn.Module, args: tuple[object, ...], _out: object) -> None:
-        shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], Tensor) else ()
-        trace.append((paths[m], m, shape))
-
-    leaves = [m for m in q.model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with _frozen_eval(q), torch.no_grad():  # no running-statistics update
-            q(torch.zeros(2, d, device=like.device, dtype=like.dtype), manifold=0)
-    finally:
-        for h in handles:
-            h.remove()
-    for p, m, _ in trace:  # name the first unsupported module (in forward order) before any SVD
-        if not isinstance(m, _INVERTIBLE):
-            raise _unsupported(p, m)
-    inverses = [_invert_module(p, m, s) for p, m, s in trace]
-    encoder = AnalyticEncoder(*reversed(inverses))
-    if check:
-        gen = torch.Generator().manual_seed(0)
-        z = torch.randn(16, d, generator=gen, dtype=like.dtype).to(like.device)
-        mean_biases = {p: m.bias_bank.detach().mean(0) for p, m in q.multi_bias_layers().items()}
-        with _frozen_eval(q), torch.no_grad():
-            err = (encoder(q(z, biases=mean_biases)) - z).norm() / z.norm()
-        if not bool(err < 1e-2):
-            raise ValueError(
-                f"analytic_encoder: the layer-wise inverse does not invert the generator (relative error "
-                f"{float(err):.3g} with the mean biases): its forward applies operations outside modules or is not "
-                "a chain of its modules; use q.invert(x) (Eq. 3) instead")
-    return encoder

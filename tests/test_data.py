@@ -96,6 +96,17 @@ def test_read_idx_corrupt_gzip(tmp_path: Path) -> None:
         read_idx(p)
 
 
+def test_read_idx_corrupt_gzip_body_names_the_file(tmp_path: Path) -> None:
+    """A complete gzip stream whose deflate body is damaged (zlib.error, not a truncation)."""
+    p = tmp_path / "body.gz"
+    data = bytearray(gzip.compress(_raw_idx(0x08, [400], bytes(range(200)) * 2)))
+    for i in range(12, len(data) - 8):  # scramble the deflate body, keep header and trailer
+        data[i] ^= 0xA5
+    p.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{p}.*could not be decompressed"):
+        read_idx(p)
+
+
 def test_read_idx_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         read_idx(tmp_path / "nope")

@@ -1,4 +1,5 @@
-"""Tests for qmm_plugin.inversion: invert (Eq. 3), sample_manifold, analytic_encoder (Prop. 1)."""
+"""Tests for the Eq. 3 fit (qmm_plugin.inversion: invert, fit_codes), derived-manifold sampling
+(qmm_plugin.sampling) and Proposition 1's encoder (qmm_plugin.analytic_encoder)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qmm_plugin
-from qmm_plugin.inversion import Inversion, analytic_encoder, invert, sample_manifold
+from qmm_plugin.analytic_encoder import analytic_encoder
+from qmm_plugin.inversion import Inversion, fit_codes, invert
+from qmm_plugin.sampling import sample_manifold
 
 A = 5
 
@@ -368,3 +371,56 @@ def test_finished_images_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(not torch.equal(a[1], b[1]) for a, b in zip(trace[-1][1], frozen, strict=True))  # image 1 moved
     before = trace[window - 1][1]
     assert not torch.equal(before[0][0], frozen[0][0])  # image 0 moved while it was active
+
+
+# ------------------------------------------------------------------------- codes-only fit, z_init
+def test_invert_on_given_manifolds_from_z_init_matches_fit_codes() -> None:
+    """manifolds=(B,) indices with z_init: the codes-only fit on those manifolds, the same numbers
+    as the library's fit_codes on q's forward; starting at the true codes it stays there."""
+    q = aligned_mlp(3)
+    gen = torch.Generator().manual_seed(0)
+    z_true = torch.randn(6, 4, generator=gen)
+    index = torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.no_grad():
+        x = q(z_true, manifold=index)
+    z0 = z_true + 0.3 * torch.randn(6, 4, generator=gen)
+    inv = q.invert(x, manifolds=index, z_init=z0, steps=400)
+    assert inv.bias_mode == "trained" and torch.equal(inv.manifold, index)
+    q.requires_grad_(False)
+    z, loss = fit_codes(lambda z, i: q.eval()(z, manifold=i), x, index, z_init=z0, steps=400)
+    q.requires_grad_(True)
+    torch.testing.assert_close(inv.z, z)
+    torch.testing.assert_close(inv.loss, loss)
+    assert float(rel(inv.z, z_true).max()) < 1e-2  # the aligned MLP is injective in z
+    start = q.invert(x, manifolds=index, z_init=z_true, steps=50)
+    assert float(start.loss.max()) < 1e-8
+
+
+def test_fit_codes_on_a_bank_of_separate_generators() -> None:
+    """fit_codes takes any forward(z, manifold): here two separate injective linear generators."""
+    torch.manual_seed(4)
+    bank = nn.ModuleList([nn.Linear(3, 20), nn.Linear(3, 20)]).requires_grad_(False)
+
+    def forward(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return torch.where(i[:, None] == 0, bank[0](z), bank[1](z))
+
+    z_true = torch.randn(5, 3)
+    index = torch.tensor([0, 1, 1, 0, 1])
+    z, loss = fit_codes(forward, forward(z_true, index), index, z_init=torch.zeros(5, 3), steps=3000)
+    assert float(rel(z, z_true).max()) < 1e-3 and float(loss.max()) < 1e-6
+
+
+def test_z_init_and_manifold_index_errors() -> None:
+    q = aligned_mlp(1)
+    with torch.no_grad():
+        x = q(torch.randn(3, 4), manifold=0)
+    with pytest.raises(ValueError, match=r"z_init has shape \(3, 5\); expected \(3, 4\)"):
+        q.invert(x, z_init=torch.zeros(3, 5), steps=2)
+    with pytest.raises(ValueError, match=r"expected \(3, 2, 4\)"):
+        q.invert(x, z_init=torch.zeros(3, 4), restarts=2, steps=2)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):
+        q.invert(x, manifolds=torch.tensor([0, 1, 5]), steps=2)
+    with pytest.raises(ValueError, match="long manifold indices"):
+        q.invert(x, manifolds=torch.tensor([0.0, 1.0, 2.0]), steps=2)
+    with pytest.raises(ValueError, match="z_init must be"):
+        fit_codes(lambda z, i: q(z, manifold=i), x, torch.zeros(3, dtype=torch.long), z_init=torch.zeros(2, 4))

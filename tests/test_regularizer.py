@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qmm_plugin
-from qmm_plugin.inversion import analytic_encoder
+from qmm_plugin.analytic_encoder import analytic_encoder
 from qmm_plugin.regularizer import bias_spread, tangential_basis
 
 dims = st.tuples(st.integers(1, 6), st.integers(1, 10)).map(lambda t: (t[0], t[0] + t[1]))  # d_z < d_x
