@@ -673,8 +673,8 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
     lines += [f"MNIST-FID: {b.fid_samples} generated images vs {', '.join(map(str, fid_imgs))} test digits"
               + (f" (for scale, {b.fid_samples} real training digits score {ref[0]:.2f})" if ref else "")
               + ". Disentanglement: "
-              f"{b.dis_images} test digits × {b.dis_strengths} strengths; GAN encoder: Eq. 3 on "
-              f"the trained manifolds, codes only (qmm_plugin.fit_codes), at most {b.inversion_steps} Adam steps per stage. Seeds: {', '.join(map(str, n_seeds))}.", "",
+              f"{b.dis_images} test digits × {b.dis_strengths} strengths; GAN encoder: latent-only fit on "
+              f"the trained manifolds, {b.inversion_steps} Adam steps per stage. Seeds: {', '.join(map(str, n_seeds))}.", "",
               "| model | MNIST-FID (ours) | FID (paper) | Dis. slant (ours) | (paper) | Dis. width (ours) | (paper) |",
               "|---|---|---|---|---|---|---|"]
     for m in models:
