@@ -223,8 +223,8 @@ def _rescale_hint(x_lo: float, x_hi: float, r: _OutputRange) -> str:
 
 def _warn_outside_range(x: Tensor, r: _OutputRange) -> None:
     """Warn when the images cannot come from the generator's value range (Eq. 3 then fits
-    something else: a tanh generator reaches 0.2 loss on [0, 1] MNIST digits against 2e-4 on
-    [-1, 1] ones). Exact range: x beyond it, or x confined to its upper half while the range is
+    images the generator cannot make, and the loss stays high). Exact range: x beyond it, or x
+    confined to its upper half while the range is
     symmetric around 0 (images in [0, 1] for a tanh generator). Sampled range: x's largest
     magnitude above :data:`SAMPLE_RANGE_FACTOR` times the samples'."""
     x_lo, x_hi = float(x.min()), float(x.max())
