@@ -185,7 +185,7 @@ def test_invert_with_conv_layers_keeps_the_normal_space_constraint() -> None:
     assert set(inv.biases) == {"fc", "deconv"}
     layer = g.deconv
     drift = layer.bias_adjoint(inv.biases["deconv"] - layer.bias_bank.detach().mean(0))
-    assert float(drift.abs().max()) < 1e-8  # W^T B (a - a_bar) = 0: only normal-space channel biases
+    assert float(drift.detach().abs().max()) < 1e-8  # W^T B (a - a_bar) = 0: only normal-space channel biases
     assert float(inv.loss.max()) < 1e-2 * float(x.pow(2).flatten(1).sum(1).min())
     pen = q.invert(x, steps=50, seed=0, bias_mode="penalty")
     assert pen.biases["deconv"].shape == (2, 2)
