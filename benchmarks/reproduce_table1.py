@@ -101,7 +101,7 @@ GAN_MODELS = ("wgan", "dmwgan", "qwgan", "qwgan-l0")
 #: stopped study has it); tables keep the MODELS order.
 PRIORITY = ("qwgan", "qwgan-l0", "wgan", "dmwgan", "qbvae", "qbvae-l0", "bvae")
 
-#: The paper's Table 1, MNIST rows (mean ± std over 10 runs), from ../shared/paper/NOTES.md.
+#: The paper's Table 1, MNIST rows (mean ± std over 10 runs).
 #: DMWGAN is the paper's DMWGAN (learned π); ours is the DMWGAN-style baseline with uniform π.
 PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
     "wgan": {"fid": (10.13, 3.16), "slant": (1.62, 0.41), "width": (1.68, 0.49)},
@@ -129,7 +129,7 @@ class Budget:
     dis_strengths: int  # strengths per image (paper: 11)
     inversion_steps: int  # cap on Eq. 3 Adam steps per image (q.invert's plateau schedule stops earlier)
     grid_inversion_steps: int  # Eq. 3 steps for the Fig. 5/6 generalisation grids
-    curve_points: int  # sample grids + exact tangential spread (an SVD per layer) per run
+    curve_points: int  # sample grids + exact tangential spread (a Gram eigendecomposition per layer) per run
     smoke: bool = False
 
     def steps(self, model: str) -> int:

@@ -155,7 +155,9 @@ def gan_variants(batch: int, num: int, lam: float, gen: torch.Generator, tiny: b
     z_dim = 8
 
     def make(g_model: nn.Module, kind: str, sn: bool = True
-             ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+             ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None], Callable[[], None]]:
+        """``(critic + generator step, generator step with R_BA from the forward, with a separate
+        q.ba_regularizer(), without R_BA)``."""
         critic = MNISTCritic(spectral_norm=sn)
         opt_d = torch.optim.Adam(critic.parameters(), 1e-4, betas=(0.5, 0.9))
         opt_g = torch.optim.Adam(g_model.parameters(), 1e-4, betas=(0.5, 0.9))

@@ -19,8 +19,8 @@ A decoders sharing every weight. Each minibatch gets ``--em-repeats`` (10) EM it
 Both steps use one evaluation of :math:`\log p^{(i)}(x|z)` for all A decoders
 (:func:`decode_all_manifolds`): one call of the converted decoder on the stacked ``(A·B)`` batch,
 block ``i`` on manifold ``i``, which also returns R_BA from the same forward
-(``q(..., return_regularizer=True)``). λ = 1: NOTES.md writes the M-step objective with
-``+ R_BA`` (no weight). Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
+(``q(..., return_regularizer=True)``). λ = 1: Sec. 5 and Appendix C write the M-step
+objective with ``+ R_BA`` (Appendix C puts the weight λ inside R_BA without a value). Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
 
 Outputs in ``--out`` as for ``mnist_qwgan.py``: ``samples_step{N}.png`` (rows = decoders, columns
 = shared z; pixel = Bernoulli mean), ``metrics.csv/json`` (ELBO terms, R_BA, final MNIST-FID),

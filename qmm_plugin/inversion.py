@@ -108,8 +108,8 @@ class Inversion:
             over pixels), plus the log penalty for ``bias_mode="penalty"``.
         reconstruction: ``f(z; biases)``, same shape as the input images.
         steps: optimisation steps run (the fit stops early once every image has converged).
-        fit_seconds: wall time of the optimisation loop (without the set-up: the SVD of every
-            weight for ``bias_mode="normal"``, and the final evaluation).
+        fit_seconds: wall time of the optimisation loop (without the set-up: the tangential basis of
+            every weight (an eigendecomposition of its Gram matrix) for ``bias_mode="normal"``, and the final evaluation).
         bias_mode: ``"normal"``, ``"penalty"`` or ``"trained"`` (biases taken from the banks).
     """
 
@@ -273,9 +273,9 @@ _BASIS_CACHE: weakref.WeakKeyDictionary[MultiBiasLayer, tuple[tuple[object, ...]
 def _cached_tangential_basis(layer: MultiBiasLayer) -> Tensor:
     """:func:`~qmm_plugin.regularizer.tangential_basis` of the layer's ``bias_operator()`` (its
     weight for a Linear), in its dtype, reused while the weight is unchanged (same storage, shape,
-    dtype, device and in-place version counter) and, for a convolution, the input size too: the
-    float64 eigendecomposition for the MNIST generator's 6272x1024 weight takes seconds, more than
-    a short fit."""
+    dtype, device and in-place version counter) and, for a convolution, the input size too: for
+    the MNIST generator's 6272x1024 weight the float64 eigendecomposition costs more than a short
+    fit."""
     w = layer.weight
     key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, getattr(layer, "input_size", None))
     hit = _BASIS_CACHE.get(layer)
@@ -295,7 +295,7 @@ class _BiasParams:
         self.mu = mu
         self.mean: dict[str, Tensor] = {p: m.bias_bank.detach().mean(0) for p, m in layers.items()}
         self.layers = layers
-        if mode == "normal":  # first call per weight: one SVD per layer (cached afterwards)
+        if mode == "normal":  # first call per weight: one Gram eigendecomposition per layer (cached)
             self.basis = {p: _cached_tangential_basis(m) for p, m in layers.items()}
             self.params = {p: self.mean[p].expand(rows, -1).clone().requires_grad_(True) for p in layers}
         else:

@@ -208,9 +208,8 @@ def _few_rows_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for an ``a`` with few rows (the A centred bank rows) and a tall ``b`` (``(K, N)``).
 
     On the CPU, MKL's product with ~10 rows gains nothing from a second thread; splitting the
-    reduction over K into one bmm batch entry per thread keeps every core busy (at the paper's
-    1024→6272 layer, A=10, it took about half the time of one mm when this was written;
-    ``benchmarks/run.py``'s "R_BA per layer" rows time the op it belongs to). Elsewhere, or when
+    reduction over K into one bmm batch entry per thread keeps every core busy
+    (``benchmarks/run.py``'s "R_BA per layer" rows time the op it belongs to). Elsewhere, or when
     K does not split evenly, it is the plain product.
     """
     k = torch.get_num_threads()

@@ -218,7 +218,7 @@ def eval_sampler(fam: Family, device: torch.device, seed: int) -> Any:
 def spread_metrics(fam: Family) -> dict[str, float]:
     """Per-layer exact tangential spread tr cov(a_par) (Theorem 1's right side) for QMM models.
 
-    Costs an SVD of every converted weight (seconds for the 6272x1024 layer on a CPU), so it is
+    Costs an eigendecomposition of every converted weight's Gram matrix, so it is
     logged with the sample grids only; the per-layer Eq. 2 terms are logged every ``--log-every``."""
     g = fam.generator
     if not isinstance(g, qmm_plugin.QuotientModel) or g.num_biases < 2:
