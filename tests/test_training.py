@@ -73,6 +73,8 @@ def test_explicit_flags_sees_given_flags_even_at_their_default() -> None:
     assert explicit_flags(p, ["--steps", "400", "--smoke"]) == {"steps", "smoke"}
     assert explicit_flags(p, []) == frozenset()
     assert explicit_flags(p, ["--batch-size=8"]) == {"batch_size"}
+    p.add_argument("data")  # a required positional is a given flag
+    assert explicit_flags(p, ["d", "--lr", "0.1"]) == {"data", "lr"}
 
 
 def test_smoke_never_overrides_a_given_flag() -> None:

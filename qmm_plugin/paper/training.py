@@ -144,7 +144,7 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None =
         ['steps']
     """
     unset = object()
-    namespace = argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})
+    namespace = argparse.Namespace(**{k: unset for k in vars(parser.parse_args(argv))})  # every destination
     given = parser.parse_args(argv, namespace=namespace)
     return frozenset(k for k, v in vars(given).items() if v is not unset)
 
