@@ -143,6 +143,57 @@ def bench_layer(shapes: list[tuple[int, int]], batches: list[int], nums: list[in
     return rows
 
 
+# -------------------------------------------------------------------------------------- conv
+#: (kind, C_in, C_out, kernel, stride, padding, input side): a DCGAN generator's upsampling layer
+#: and a stride-1 convolution after it
+CONV_SHAPES = [("ConvTranspose2d", 64, 32, 4, 2, 1, 8), ("Conv2d", 32, 32, 3, 1, 1, 16)]
+
+
+def bench_conv(shapes: list[tuple[str, int, int, int, int, int, int]], batch: int, num: int, budget_s: float,
+               max_rounds: int) -> list[dict[str, Any]]:
+    """Forward+backward of a plain convolution (with bias) against its multi-bias layer (bank of
+    ``num`` channel biases, per-sample manifolds, as a converted model runs it) and the layer plus
+    its R_BA term (Eq. 2 through one adjoint call, ``layer.bias_spread()``)."""
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for kind, c_in, c_out, k, stride, pad, side in shapes:
+        plain = getattr(nn, kind)(c_in, c_out, k, stride, pad)
+        model = nn.Sequential(getattr(nn, kind)(c_in, c_out, k, stride, pad))
+        qmm_plugin.convert(model, num_biases=num, layer_types=(nn.Conv2d, nn.ConvTranspose2d))
+        layer = model[0]
+        x = torch.randn(batch, c_in, side, side, generator=gen, requires_grad=True)
+        idx = balanced_index(batch, num, gen)
+        grad = torch.randn_like(plain(x), memory_format=torch.contiguous_format)
+        layer.route_key = ModelKey(num)  # one selection per model call, as inside a converted model
+        open_selection(layer.route_key, ManifoldSelection(num, manifold=idx))
+
+        def fresh(*params: Tensor) -> None:
+            x.grad = None
+            for q in params:
+                q.grad = None
+
+        def run_plain() -> None:
+            fresh(plain.weight, plain.bias)
+            plain(x).backward(grad)
+
+        def run_layer() -> None:
+            fresh(layer.weight, layer.bias_bank)
+            layer(x).backward(grad)
+
+        def run_layer_reg() -> None:
+            fresh(layer.weight, layer.bias_bank)
+            torch.autograd.backward([layer(x), torch.log(layer.bias_spread() + 1e-8)], [grad, None])
+
+        variants = {f"nn.{kind}": run_plain, "multi-bias": run_layer, "multi-bias + R_BA term": run_layer_reg}
+        t = interleaved(variants, budget_s=budget_s, max_rounds=max_rounds, min_sample_s=MIN_SAMPLE_S)
+        rows.append({"kind": kind, "in": c_in, "out": c_out, "k": k, "stride": stride, "side": side, "B": batch,
+                     "A": num, "ms": {n: t.summary(n) for n in variants},
+                     "ratio_vs_plain": {n: t.ratio(n, f"nn.{kind}") for n in variants}})
+        r = rows[-1]["ratio_vs_plain"]["multi-bias"]
+        print(f"[conv] {kind} {c_in}->{c_out} at {side}x{side}: multi-bias/plain = {r['median']:.3f}", flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------- GAN
 SEPARATE = "Q-WGAN G step, separate q.ba_regularizer()"
 
@@ -376,6 +427,18 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{_fmt(rv[TWO_CALLS], 3) if TWO_CALLS in rv else '–'} | "
                          f"{_fmt(rv['F.linear+bank[idx]'], 3)} | {loop} | {lo} |")
         lines.append("")
+    if "conv" in res:
+        lines += ["## Convolution layer forward+backward", "",
+                  "`multi-bias` = the layer `convert(..., layer_types=...)` makes (per-channel bank, "
+                  "per-sample manifolds), `+ R_BA term` = with its Eq. 2 term (one adjoint call).", "",
+                  "| layer | input | B | A | plain ms | multi-bias ms | multi-bias / plain | + R_BA term / plain |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["conv"]:
+            rv = r["ratio_vs_plain"]
+            lines.append(f"| {r['kind']} {r['in']}→{r['out']}, k{r['k']} s{r['stride']} | {r['side']}×{r['side']} | "
+                         f"{r['B']} | {r['A']} | {_fmt(r['ms']['nn.' + r['kind']])} | {_fmt(r['ms']['multi-bias'])} | "
+                         f"{_fmt(rv['multi-bias'], 3)} | {_fmt(rv['multi-bias + R_BA term'], 3)} |")
+        lines.append("")
     if "gan" in res:
         g = res["gan"]
         n_rounds = g["ratio_vs_wgan"]["Q-WGAN"]["n"]
@@ -486,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="B=64, A in {1,10,100}: a few minutes")
     mode.add_argument("--tiny", action="store_true", help="toy sizes, seconds (smoke test only)")
-    p.add_argument("--sections", default="layer,gan,vae", help="comma list of layer,gan,vae")
+    p.add_argument("--sections", default="layer,conv,gan,vae", help="comma list of layer,conv,gan,vae")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--step-rounds", type=int, default=None,
                    help="exactly this many interleaved rounds for the GAN/VAE step tables (no time budget): "
@@ -502,9 +565,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_text(markdown(done), args.render.parent / "RESULTS.md")
         return done
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"layer", "gan", "vae"}
+    unknown = sections - {"layer", "conv", "gan", "vae"}
     if unknown:
-        p.error(f"unknown sections {sorted(unknown)}; choose from layer,gan,vae")
+        p.error(f"unknown sections {sorted(unknown)}; choose from layer,conv,gan,vae")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from qmm_plugin.paper.training import tune_cpu_allocator  # the allocator setting the examples use
@@ -516,15 +579,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     if args.tiny:
         cfg = dict(shapes=[(8, 16)], batches=[4], nums=[1, 2], budget=0.05, rounds=3, gan_b=4, gan_a=2,
+                   conv_shapes=[("ConvTranspose2d", 4, 2, 4, 2, 1, 3), ("Conv2d", 2, 3, 3, 1, 1, 4)],
                    step_budget=0.2, step_rounds=3, vae_budget=0.2)
     elif args.quick:
-        cfg = dict(shapes=PAPER_SHAPES, batches=[64], nums=[1, 10, 100], budget=2.0, rounds=15,
+        cfg = dict(shapes=PAPER_SHAPES, batches=[64], nums=[1, 10, 100], budget=2.0, rounds=15, conv_shapes=CONV_SHAPES,
                    gan_b=64, gan_a=10, step_budget=8.0, step_rounds=15, vae_budget=8.0)
     else:
         # GAN steps are timed one call per sample and single rounds vary by ~10%: ~150-200 rounds put
         # the 95% interval of the median ratio within about +-2%, enough to judge a 3% target (the
         # VAE section has no tight target and gets a minute)
         cfg = dict(shapes=PAPER_SHAPES, batches=[64, 256, 1024], nums=[1, 4, 10, 20, 100], budget=2.5,
+                   conv_shapes=CONV_SHAPES,
                    rounds=21, gan_b=64, gan_a=10, step_budget=400.0, step_rounds=200, vae_budget=60.0)
     if args.step_rounds is not None:
         if args.step_rounds < 5:
@@ -532,6 +597,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg.update(step_rounds=args.step_rounds, step_budget=1e9, vae_budget=1e9)  # the rounds decide
     if "layer" in sections:
         res["layer"] = bench_layer(cfg["shapes"], cfg["batches"], cfg["nums"], cfg["budget"], cfg["rounds"])
+    if "conv" in sections:
+        res["conv"] = bench_conv(cfg["conv_shapes"], cfg["gan_b"], cfg["gan_a"], cfg["budget"], cfg["rounds"])
     if "gan" in sections:
         res["gan"] = bench_gan(cfg["gan_b"], cfg["gan_a"], cfg["step_budget"], cfg["step_rounds"], args.tiny)
     if "vae" in sections:

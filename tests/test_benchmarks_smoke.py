@@ -71,3 +71,15 @@ def test_allocator_benchmark_runs_pairs_of_processes(tmp_path: Path) -> None:
         assert len(r["default_all_ms"]) == len(r["tuned_all_ms"]) == 1 and r["default_ms"] > 0, name
         assert r["ratio"]["median"] == r["tuned_ms"] / r["default_ms"]
     assert "| Q-WGAN |" in (tmp_path / "allocator.md").read_text()
+
+
+def test_tiny_conv_run_writes_the_conv_table(tmp_path: Path) -> None:
+    run = _load_run()
+    run.main(["--tiny", "--threads", "1", "--sections", "conv", "--no-alloc-tuning", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["conv"]
+    assert [r["kind"] for r in rows] == ["ConvTranspose2d", "Conv2d"]
+    for r in rows:
+        for name in (f"nn.{r['kind']}", "multi-bias", "multi-bias + R_BA term"):
+            s = r["ms"][name]
+            assert 0 < s["q1"] <= s["median"] <= s["q3"] and s["n"] >= 3
+    assert "| ConvTranspose2d 4→2, k4 s2 | 3×3 | 4 | 2 |" in (tmp_path / "RESULTS.md").read_text()
