@@ -161,3 +161,18 @@ def test_atomic_failure_keeps_old_file_and_no_temp(tmp_path: Path) -> None:
         atomic_torch_save({"x": torch.zeros(1000), "bad": Boom()}, target)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_manifold_grid_row_labels_add_a_text_margin(tmp_path) -> None:
+    from PIL import Image
+
+    from qmm_plugin.paper.viz import save_manifold_grid
+
+    x = -torch.ones(3, 2, 1, 28, 28)  # black digits: any white pixel comes from the labels
+    plain = Image.open(save_manifold_grid(x, tmp_path / "plain.png"))
+    labelled = Image.open(save_manifold_grid(x, tmp_path / "lab.png", row_labels=["0: 7", "1: 3", "2: 9"]))
+    assert labelled.size[1] == plain.size[1] and labelled.size[0] > plain.size[0]
+    margin = torch.tensor(list(labelled.crop((0, 0, labelled.size[0] - plain.size[0], labelled.size[1])).getdata()))
+    assert int(margin.max()) > 200  # text drawn (antialiased) on the black margin
+    with pytest.raises(ValueError, match="one label per manifold"):
+        save_manifold_grid(x, tmp_path / "bad.png", row_labels=["a"])

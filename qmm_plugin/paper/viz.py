@@ -19,6 +19,7 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -169,6 +170,7 @@ def save_manifold_grid(
     *,
     scale: int = 1,
     pad_value: int = 0,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Save the paper's Fig. 3 layout: one row per manifold, one column per shared ``z``.
 
@@ -176,6 +178,8 @@ def save_manifold_grid(
         images: ``(A, n, C, H, W)``: ``images[a, j]`` is generator output for manifold ``a``
             with the ``j``-th latent ``z`` (the same ``z`` down each column).
         path: PNG file to write (atomically).
+        row_labels: optional text for each row (e.g. the manifold's majority class), written in a
+            margin left of the row.
 
     Example:
         >>> import os, tempfile, torch
@@ -191,4 +195,23 @@ def save_manifold_grid(
     if a == 0 or n == 0:
         raise ValueError(f"save_manifold_grid got an empty grid: A={a}, n={n}")
     flat = images.reshape(a * n, *images.shape[2:])
-    return save_grid(flat, path, n, padding, value_range, scale=scale, pad_value=pad_value)
+    grid = make_grid(flat, n, padding, value_range, scale=scale, pad_value=pad_value)
+    if row_labels is not None:
+        if len(row_labels) != a:
+            raise ValueError(f"row_labels has {len(row_labels)} entries for {a} rows; give one label per manifold")
+        grid = _label_rows(grid, list(row_labels), row_height=images.shape[3] * scale + padding, top=padding)
+    return save_image(grid, path)
+
+
+def _label_rows(grid: Tensor, labels: list[str], row_height: int, top: int) -> Tensor:
+    """``grid`` with a left margin holding ``labels[r]`` beside row ``r`` (white on black)."""
+    from PIL import Image, ImageDraw
+
+    font_h = 11  # PIL's default bitmap font
+    width = 6 * max(len(t) for t in labels) + 8
+    margin = Image.new("L", (width, grid.shape[0]), 0)
+    draw = ImageDraw.Draw(margin)
+    for r, text in enumerate(labels):
+        draw.text((4, top + r * row_height + max(0, (row_height - font_h) // 2)), text, fill=255)
+    strip = torch.frombuffer(bytearray(margin.tobytes()), dtype=torch.uint8).reshape(grid.shape[0], width, 1)
+    return torch.cat([strip.expand(-1, -1, grid.shape[2]), grid], dim=1)
