@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 r"""Reproduce the MNIST half of the paper's Table 1 at CPU scale: one resumable study.
 
-Trains WGAN, Q-WGAN, Q-WGAN λ=0, DMWGAN-style (``examples/mnist_qwgan.py``) and β-VAE, Q-β-VAE,
+Trains WGAN, Q-WGAN, Q-WGAN λ=0, DMWGAN-style (``benchmarks/table1/train_gan.py``) and β-VAE, Q-β-VAE,
 Q-β-VAE λ=0 (``examples/mnist_qbvae.py``) on MNIST for several seeds — each run is a subprocess
-of the example script, so the study uses exactly the examples' training code — then evaluates
+of its training script — then evaluates
 every run from its checkpoint and appends one JSON line per (model, seed) to
 ``OUT/results.jsonl``:
 

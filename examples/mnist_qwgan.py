@@ -1,41 +1,32 @@
 #!/usr/bin/env python
-r"""Q-WGAN on MNIST (paper Sec. 5, Table 1, Fig. 3) and the GAN baselines, from one script.
+r"""Q-WGAN on MNIST: ten manifolds that share every weight, one digit class per manifold (paper Fig. 3).
 
-Run (no flags: Q-WGAN on the MNIST subset embedded in qmm_plugin, a few minutes on a laptop CPU)::
+    python examples/mnist_qwgan.py                      # our recipe, bundled 10k digits, a few CPU minutes
+    python examples/mnist_qwgan.py --preset paper       # Appendix B's settings exactly
+    python examples/mnist_qwgan.py --lam 0              # the same recipe without R_BA
+    python examples/mnist_qwgan.py --num-biases 1 --info 0   # a plain GAN under the same recipe
+    python examples/mnist_qwgan.py --resume --steps 3000     # continue a run
 
-    python examples/mnist_qwgan.py
-    python examples/mnist_qwgan.py --data-dir ../shared/datasets/mnist --steps 20000   # full MNIST
-    python examples/mnist_qwgan.py --model wgan --out runs/mnist_wgan                  # a baseline
-    python examples/mnist_qwgan.py --resume                                           # continue
-    torchrun --nproc_per_node=2 examples/mnist_qwgan.py                                # DDP
+The lines marked ``# QMM:`` are all QMM adds to a GAN loop. The model is the paper's (Appendix B:
+MNIST generator, z = 8, converted to A = 10 bias banks; spectrally normalised critic without
+BatchNorm). ``--preset`` chooses what the paper leaves open:
 
-``--model``:
+=========  ===================================================================================
+ours       hinge loss, Adam β1 = 0.5, every batch holds each manifold equally often, and a
+           *manifold-recovery* term of ours (``--info``): a linear head on the critic's last
+           hidden features predicts the manifold index of a fake, and its cross-entropy trains
+           the head and the generator (as InfoGAN's categorical code and DMWGAN's posterior do),
+           so each manifold must draw something the critic can tell apart from the others.
+paper      Wasserstein loss, Adam default betas, manifolds drawn uniformly, no recovery term.
+=========  ===================================================================================
 
-=========  ============================================================================
-qwgan      Q-WGAN: MNIST generator converted with ``qmm_plugin.convert(g, num_biases=10)``,
-           generator loss ``-E[D(G(z))] + λ R_BA`` (Eq. 2), λ = 0.05 (default)
-wgan       WGAN: the same generator with one bias (A = 1; R_BA is then a constant)
-qwgan-l0   Q-WGAN with λ = 0 (ten biases, no bias-aligning regularizer)
-dmwgan     DMWGAN-style: ten separate generators with widths / 4 (uniform π)
-madgan     MADGAN-like: ten generators sharing the FC stack and the first ConvT layer
-infogan    InfoGAN: 1 categorical(10) + 2 continuous codes + 8 noise; mutual-information
-           loss (categorical cross-entropy + Gaussian log-likelihood of the codes) on G and D
-=========  ============================================================================
-
-All use the Wasserstein loss with a spectrally normalised critic (the NOTES' L_D = E[D(fake)] −
-E[D(real)]), Adam(lr 2e-4, default betas), ``--n-critic`` critic steps per generator step.
-The critic has no BatchNorm by default, unlike Appendix B's table (``--critic-bn`` restores it):
-real and fake batches go through the critic separately, so per-batch BatchNorm normalises away
-exactly the batch statistics that tell them apart (overall brightness, for one); in our first
-default run with it the generator drifted to a white checkerboard by step 100. (InfoGAN's
-discriminator, ``qmm_plugin.paper.models.InfoGANDiscriminator``, keeps its BatchNorm.)
-
-Writes into ``--out`` (only rank 0 writes): ``samples_step{N}.png`` (one row per manifold —
-generator, category — and one column per shared latent, like the paper's Fig. 3),
-``metrics.csv`` / ``metrics.json`` (losses, R_BA, per-layer tangential spread, final MNIST-FID
-against the test split, and the FID of real training digits for reference) and
-``checkpoint.pt`` (atomic; ``--resume`` restores models, optimisers, step and RNG states, so a
-resumed run continues exactly; Ctrl-C writes one before exiting).
+Every sample grid (``samples_step{N}.png``: one row per manifold, one shared z per column, each
+row labelled with its majority class) comes with the manifold-class report, computed with the
+bundled MNIST classifier on 100 samples per manifold: NMI(manifold; class), purity, distinct
+majority classes, share of confidently classified samples, smallest class share and
+within-manifold diversity (``qmm_plugin.paper.manifold_classes``). ``metrics.json`` holds the
+logged rows and the final report and MNIST-FID; ``checkpoint.pt`` is written atomically and
+``--resume`` continues exactly; Ctrl-C writes it before exiting.
 """
 
 from __future__ import annotations
@@ -43,136 +34,197 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+import qmm_plugin
 from qmm_plugin.paper import training as C
 from qmm_plugin.paper.data import load_mnist, to_model_range
-from qmm_plugin.paper.gan_families import (
-    MODELS,
-    NUM_MANIFOLDS,
-    InfoFamily,
-    eval_sampler,
-    make_family,
-    manifold_grid,
-    spread_metrics,
-)
+from qmm_plugin.paper.manifold_classes import ManifoldClassReport, sample_manifold_class_report
+from qmm_plugin.paper.metrics import load_mnist_classifier
+from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator
 from qmm_plugin.paper.viz import save_manifold_grid
+
+PRESETS = {
+    "ours": {"loss": "hinge", "beta1": 0.5, "info": 1.0, "stratified": True},
+    "paper": {"loss": "wasserstein", "beta1": 0.9, "info": 0.0, "stratified": False},
+}
+Z_DIM = 8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="qwgan", help="which GAN (default: qwgan)")
-    p.add_argument("--lam", type=float, default=None, help="λ of λ·R_BA for --model qwgan (default: 0.05)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, G and D (default: 2e-4)")
-    p.add_argument("--beta1", type=float, default=0.9,
-                   help="Adam beta1, G and D (default: 0.9, the paper's 'default Adam settings')")
-    p.add_argument("--n-critic", type=int, default=1, help="critic steps per generator step (default: 1)")
-    p.add_argument("--critic-bn", action="store_true",
-                   help="BatchNorm in the critic as listed in Appendix B (default: off; see the module docstring)")
-    p.add_argument("--grid-columns", type=int, default=10, help="shared latents per sample grid (default: 10)")
-    C.add_common_args(p, out="runs/mnist_qwgan", steps=400, batch_size=32, sample_every=100,
-                      ckpt_every=100, fid_samples=2000)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="ours", help="training recipe (default: ours)")
+    p.add_argument("--num-biases", type=int, default=10, help="A, the number of manifolds (default: 10)")
+    p.add_argument("--lam", type=float, default=0.05, help="λ of the λ·R_BA term, Eq. 2 (default: 0.05)")
+    p.add_argument("--info", type=float, default=None, help="weight of the manifold-recovery term (preset's)")
+    p.add_argument("--loss", choices=("hinge", "wasserstein"), default=None, help="GAN loss (preset's)")
+    p.add_argument("--beta1", type=float, default=None, help="Adam β1 of G and D (preset's)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default: 2e-4)")
+    p.add_argument("--report-samples", type=int, default=100, help="samples per manifold for the report")
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=1600, batch_size=32, sample_every=400,
+                      ckpt_every=200, fid_samples=2000)
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     given = C.explicit_flags(p, argv)
     if args.smoke:  # never overrides a flag given on the command line
         given |= C.apply_smoke(args, given, {"steps": 4, "batch_size": 20, "fid_samples": 200, "ckpt_every": 2,
-                                             "log_every": 1, "sample_every": lambda a: a.steps})
-    C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "n_critic",
-                     "grid_columns")
-    C.resume_settings(args, given)
-    if args.model in ("dmwgan", "madgan") and args.batch_size < 2 * NUM_MANIFOLDS:
-        p.error(f"--model {args.model} needs --batch-size >= {2 * NUM_MANIFOLDS} (every one of the "
-                f"{NUM_MANIFOLDS} generators needs >= 2 samples per batch for BatchNorm)")
+                                             "log_every": 1, "report_samples": 10, "sample_every": lambda a: a.steps})
+    C.resume_settings(args, given)  # --resume: the checkpoint's flags, unless one given can change
+    C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "num_biases",
+                     "report_samples")
+    if args.info > 0 and args.num_biases < 2:
+        p.error("--info needs --num-biases >= 2 (there is no manifold index to recover); pass --info 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     d = C.setup_runtime(args)
-    out = Path(args.out)
-    C.seed_all(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    fam = make_family(args.model, args.lam, args.critic_bn)
-    fam.generator.to(d.device)
-    fam.critic.to(d.device)
-    opt_g = torch.optim.Adam(fam.generator.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    opt_d = torch.optim.Adam(fam.critic.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    images, _ = load_mnist(args.data_dir, "train")
-    batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
-                               world_size=d.world_size)
-    settings = {"model": args.model, "world_size": d.world_size, "batch_size": args.batch_size,
-                "lam": fam.lam, "seed": args.seed, "n_critic": args.n_critic, "critic_bn": args.critic_bn}
-    run = C.TrainRun(args, d, settings, {"generator": fam.generator, "critic": fam.critic},
-                     {"generator": opt_g, "critic": opt_d})
-
-    g_train, d_train = fam.generator, fam.critic
     if d.enabled:
-        ddp_kw: dict[str, Any] = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
-        g_train = nn.parallel.DistributedDataParallel(fam.generator, **ddp_kw)
-        d_train = nn.parallel.DistributedDataParallel(fam.critic, **ddp_kw)
+        raise SystemExit("error: this example trains in one process; for torchrun use the study's trainer "
+                         "(benchmarks/table1)")
+    dev, out, a = d.device, Path(args.out), args.num_biases
+    C.prepare_output_dir(out)
+    C.seed_all(args.seed)
+
+    g = MNISTGenerator(z_dim=Z_DIM)
+    g = qmm_plugin.convert(g, num_biases=a)                                   # QMM: A bias banks
+    critic = MNISTCritic(spectral_norm=True, batchnorm=False)
+    recover = nn.Linear(critic.config.fc[-1], a)                              # ours: manifold-recovery head
+    for m in (g, critic, recover):
+        m.to(dev)
+    betas = (args.beta1, 0.999)
+    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr, betas=betas)
+    opt_d = torch.optim.Adam([*critic.parameters(), *recover.parameters()], lr=args.lr, betas=betas)
+
+    images, _ = load_mnist(args.data_dir, "train")
+    batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed)
+    test_x, test_y = load_mnist(args.data_dir, "test")
+    real_test = to_model_range(test_x).reshape(-1, 1, 28, 28)
+    classifier = load_mnist_classifier().to(dev)
+
+    def manifolds(n: int) -> Tensor:                                         # QMM: manifold of each sample
+        return (torch.randperm(n) % a if args.stratified else torch.randint(0, a, (n,))).to(dev)
+
+    def d_loss(real: Tensor, fake: Tensor) -> Tensor:
+        if args.loss == "hinge":
+            return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        return fake.mean() - real.mean()
 
     def train_step(step: int) -> dict[str, float]:
-        # critic: L_D = E[D(G(z))] - E[D(x)]  (+ InfoGAN's Q loss on the fakes)
-        for k in range(args.n_critic):
-            real = batches.batch((step - 1) * args.n_critic + k, d.device)
-            gargs, gkw = fam.latents(real.shape[0], d.device)
-            with torch.no_grad():
-                fake = g_train(*gargs, **gkw)
-            d_real, _ = fam.score(d_train, real)
-            d_fake, extra = fam.score(d_train, fake)
-            loss_d = d_fake.mean() - d_real.mean()
-            info_d = fam.info_loss(extra, gargs)
-            if info_d is not None:
-                loss_d = loss_d + InfoFamily.info_weight * info_d
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        row = {"loss_d": loss_d.item(), "wasserstein": (d_real.mean() - d_fake.mean()).item()}
-        # generator: L_G = -E[D(G(z))] + λ R_BA  (Eq. 2)
-        fam.critic.requires_grad_(False)
-        gargs, gkw = fam.latents(args.batch_size, d.device)
-        fake, r_ba = fam.generate(g_train, gargs, gkw)
-        d_gen, extra = fam.score(fam.critic, fake)
-        loss_g = -d_gen.mean()
-        if r_ba is not None:
-            loss_g = loss_g + fam.lam * r_ba
-            row["r_ba"] = r_ba.item()
-        info_g = fam.info_loss(extra, gargs)
-        if info_g is not None:
-            loss_g = loss_g + InfoFamily.info_weight * info_g
-            row["info_loss"] = info_g.item()
+        real = batches.batch(step - 1, dev)
+        idx = manifolds(real.shape[0])
+        with torch.no_grad():
+            fake = g(torch.randn(real.shape[0], Z_DIM, device=dev), manifold=idx)
+        feats = critic.features(fake)
+        loss_d = d_loss(critic(real).reshape(-1), critic.head(feats).reshape(-1))
+        if args.info > 0:
+            loss_d = loss_d + args.info * F.cross_entropy(recover(feats), idx)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        idx = manifolds(args.batch_size)
+        z = torch.randn(args.batch_size, Z_DIM, device=dev)
+        fake, r_ba = g(z, manifold=idx, return_regularizer=True)              # QMM: R_BA (Eq. 2) from the forward
+        critic.requires_grad_(False)
+        feats = critic.features(fake)
+        loss_g = -critic.head(feats).mean() + args.lam * r_ba                 # QMM: + λ R_BA
+        info = F.cross_entropy(recover(feats), idx) if args.info > 0 else torch.zeros((), device=dev)
+        loss_g = loss_g + args.info * info
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        fam.critic.requires_grad_(True)
-        row["loss_g"] = loss_g.item()
-        return row
+        critic.requires_grad_(True)
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "r_ba": r_ba.item(), "info": info.item()}
 
-    def on_sample(step: int) -> dict[str, float]:
-        grid = manifold_grid(fam, args.grid_columns, d.device, seed=args.seed + 12345)
-        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2)
-        return spread_metrics(fam)
+    @torch.no_grad()
+    def report(step: int) -> ManifoldClassReport:
+        """Manifold-class report and labelled grid ``samples_step{step}.png``."""
+        gen = torch.Generator().manual_seed(args.seed + step)
+        g.eval()
+        rep = sample_manifold_class_report(
+            lambda i, n: g(torch.randn(n, Z_DIM, generator=gen).to(dev), manifold=i),  # QMM: sample manifold i
+            classifier, a, args.report_samples, real_images=real_test, real_labels=test_y)
+        z = torch.randn(10, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345)).to(dev)
+        grid = torch.stack([g(z, manifold=i).cpu() for i in range(a)])       # Fig. 3: rows = manifolds
+        g.train()
+        labels = [f"{i}: {int(c)} {float(rep.histogram[i].max()) / float(rep.histogram[i].sum()):.0%}"
+                  for i, c in enumerate(rep.majority)]
+        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=labels)
+        return rep
 
-    code = run.run(train_step, on_sample, args.model)
-    if code == 0 and d.is_main and args.fid_samples > 0:
-        test, _ = load_mnist(args.data_dir, "test")
-        fam.generator.eval()
-        fid = C.mnist_fid(eval_sampler(fam, d.device, args.seed + 777), args.fid_samples, test)
-        fam.generator.train()
-        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
-        train_ref = images[pick[:min(args.fid_samples, images.shape[0])]]
-        fid_ref = C.mnist_fid(train_ref, train_ref.shape[0], test)
-        spread = {k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")}
-        run.finish({"mnist_fid": fid, "mnist_fid_samples": args.fid_samples, "mnist_fid_test_images": test.shape[0],
-                    "mnist_fid_real_train_vs_test": fid_ref, "steps": args.steps, "model": args.model, **spread})
-        print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
-              f"{test.shape[0]} test digits; {train_ref.shape[0]} real training digits score {fid_ref:.2f}); "
-              f"outputs in {out}/")
-    C.cleanup_distributed()
-    return code
+    modules = {"generator": g, "critic": critic, "recover": recover}
+    optimizers = {"generator": opt_g, "critic": opt_d}
+    log = C.MetricsLog(out, enabled=True)
+    start = last_good = 0
+    if args.resume:
+        ckpt = C.read_checkpoint(out / C.CHECKPOINT_NAME)
+        for name, m in modules.items():
+            m.load_state_dict(ckpt["modules"][name])
+        for name, o in optimizers.items():
+            o.load_state_dict(ckpt["optimizers"][name])
+            for group in o.param_groups:  # a changed --lr applies from here on
+                group["lr"] = args.lr
+        log.load_state(ckpt["metrics"])
+        C.set_rng_state(ckpt["rng"])
+        start = last_good = ckpt["step"]
+        print(f"resumed {out / C.CHECKPOINT_NAME} at step {start}", file=sys.stderr)
+
+    def checkpoint(step: int) -> None:
+        log.write()
+        C.save_checkpoint(out, {"step": step, "settings": {"model": "qwgan" if a > 1 else "wgan"}, "args": vars(args),
+                                "metrics": log.state(), "rng": C.rng_state(),
+                                "modules": {n: m.state_dict() for n, m in modules.items()},
+                                "optimizers": {n: o.state_dict() for n, o in optimizers.items()}})
+
+    stop = C.StopFlag(d)
+    bar = C.progress(args.steps, start, d, args.no_progress, f"Q-WGAN ({args.preset})")
+    rep = None
+    for step in range(start + 1, args.steps + 1):
+        row: dict[str, float | int] = {"step": step, **train_step(step)}
+        bar.update(1)
+        if C.nonfinite_entries(row):  # stop before a checkpoint overwrites the last good one
+            print(C.nonfinite_loss_message(C.nonfinite_entries(row), step, out, last_good or None, args.lr),
+                  file=sys.stderr)
+            return C.NONFINITE_EXIT
+        if C.every(step, args.sample_every, args.steps):
+            rep = report(step)
+            row.update({f"report/{k}": v for k, v in rep.summary().items() if not isinstance(v, list)})
+            bar.write(f"step {step}: " + rep.format().splitlines()[-1])
+        if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
+            log.log(row)
+            bar.set_postfix(loss_d=f"{row['loss_d']:.3g}", loss_g=f"{row['loss_g']:.3g}")
+        stopping = stop.should_stop()
+        if C.every(step, args.ckpt_every, args.steps) or stopping:
+            checkpoint(step)
+            last_good = step
+        if stopping:
+            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
+            return 130
+    bar.close()
+    stop.restore()
+
+    rep = report(args.steps) if rep is None else rep  # a resumed, finished run is evaluated again
+    final = {"steps": args.steps, "preset": args.preset, "report": rep.summary()}
+    if args.fid_samples > 0:
+        gen = torch.Generator().manual_seed(args.seed + 777)
+        g.eval()
+        final["mnist_fid"] = C.mnist_fid(lambda k: g(torch.randn(k, Z_DIM, generator=gen).to(dev)),
+                                         args.fid_samples, test_x)
+        g.train()
+    log.final.update(final)
+    log.write()
+    print(rep.format())
+    print(f"Q-WGAN ({args.preset}), step {args.steps}: NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct "
+          f"majority classes, {rep.confident:.0%} confident"
+          + (f", MNIST-FID {final['mnist_fid']:.2f}" if "mnist_fid" in final else "") + f"; outputs in {out}/")
+    return 0
 
 
 if __name__ == "__main__":

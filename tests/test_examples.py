@@ -19,6 +19,7 @@ from PIL import Image
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+STUDY_GAN = "../benchmarks/table1/train_gan.py"  # the Table 1 study's GAN trainer (every --model, torchrun)
 TILE = 28 * 2 + 2  # one 28-px image at scale 2 + 2 px padding (viz.make_grid layout)
 
 
@@ -48,12 +49,16 @@ def test_mnist_qwgan_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"
     stdout = run_example("mnist_qwgan.py", "--smoke", "--steps", "2", "--fid-samples", "50",
                          "--no-progress", "--out", str(out), cwd=tmp_path)
-    assert "MNIST-FID" in stdout
-    assert grid_shape(out / "samples_step2.png") == (10, 10)  # A = 10 manifolds x 10 shared z
+    assert "MNIST-FID" in stdout and "distinct majority classes" in stdout  # the manifold-class report
+    with Image.open(out / "samples_step2.png") as img:  # 10 rows x 10 shared z, plus the row-label margin
+        assert img.size[1] == 10 * TILE + 2 and img.size[0] > 10 * TILE + 2
     metrics = load_metrics(out)
     assert math.isfinite(metrics["final"]["mnist_fid"]) and metrics["final"]["mnist_fid"] > 0
+    report = metrics["final"]["report"]
+    assert len(report["majority"]) == 10 and 0.0 <= report["nmi"] <= 1.0
+    assert sum(report["coverage"]) == pytest.approx(1.0, abs=1e-3)
     last = metrics["rows"][-1]
-    for key in ("loss_d", "loss_g", "r_ba", "tangential_spread/fc.0", "tangential_spread/fc.3"):
+    for key in ("loss_d", "loss_g", "r_ba", "info", "report/nmi"):
         assert math.isfinite(last[key]), key
     assert (out / "metrics.csv").read_text().startswith("step,")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -70,7 +75,7 @@ def test_mnist_qwgan_resume_continues_exactly(tmp_path: Path) -> None:
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 4
-    for name in ("generator", "critic"):
+    for name in ("generator", "critic", "recover"):
         for key, value in a["modules"][name].items():
             assert torch.equal(value, b["modules"][name][key]), f"{name}.{key} differs after resume"
     assert [r["loss_g"] for r in a["metrics"]["rows"]] == [r["loss_g"] for r in b["metrics"]["rows"]]
@@ -81,7 +86,7 @@ def test_mnist_qwgan_resume_continues_exactly(tmp_path: Path) -> None:
                                         ("infogan", 10)])
 def test_mnist_qwgan_baselines_smoke(tmp_path: Path, model: str, rows: int) -> None:
     out = tmp_path / model
-    run_example("mnist_qwgan.py", "--smoke", "--steps", "2", "--fid-samples", "50", "--no-progress",
+    run_example(STUDY_GAN, "--smoke", "--steps", "2", "--fid-samples", "50", "--no-progress",
                 "--model", model, "--out", str(out), cwd=tmp_path)
     assert grid_shape(out / "samples_step2.png") == (rows, 10)
     assert math.isfinite(load_metrics(out)["final"]["mnist_fid"])
@@ -90,7 +95,7 @@ def test_mnist_qwgan_baselines_smoke(tmp_path: Path, model: str, rows: int) -> N
 @pytest.mark.slow
 def test_mnist_qwgan_torchrun_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    run_example("mnist_qwgan.py", "--smoke", "--steps", "2", "--fid-samples", "50", "--no-progress",
+    run_example(STUDY_GAN, "--smoke", "--steps", "2", "--fid-samples", "50", "--no-progress",
                 "--out", str(out), cwd=tmp_path,
                 launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert load_metrics(out)["final"]["steps"] == 2

@@ -18,14 +18,14 @@ import torch
 
 from qmm_plugin.io import atomic_write_text
 
-from .config import EXAMPLES, GAN_MODELS, MODELS, PRIORITY, REPO, SCRIPT, Budget
+from .config import GAN_MODELS, MODELS, PRIORITY, REPO, SCRIPT, Budget
 
 
 def train_command(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None, resume: bool) -> list[str]:
-    """The example command line of one run."""
+    """The training command line of one run."""
     script, _ = MODELS[model]
     steps = b.steps(model)
-    cmd = [sys.executable, str(EXAMPLES / script), "--model", model, "--seed", str(seed), "--out", str(run_dir),
+    cmd = [sys.executable, str(script), "--model", model, "--seed", str(seed), "--out", str(run_dir),
            "--no-progress", "--device", "cpu"]
     if data_dir is not None:
         cmd += ["--data-dir", data_dir]

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+r"""Which training recipe makes Q-WGAN's manifolds separate into digit classes on a CPU budget?
+
+Each *cell* is one recipe (a set of overrides of :class:`Recipe`), trained for ``steps`` generator
+steps with ``--seeds`` seeds; every ``--eval-every`` steps the manifold-class report
+(:mod:`qmm_plugin.paper.manifold_classes`: NMI, purity, distinct majority classes, confident share,
+coverage, within-manifold diversity) is taken on 100 samples per manifold with the bundled MNIST
+classifier. Results append to ``--out/results.jsonl`` one line per evaluation; a cell-seed whose
+final line is there is skipped, so an interrupted study resumes where it stopped (a cell in
+progress restarts from its last atomic checkpoint in ``--out/ckpt``). ``--report`` writes
+``--out/ABLATION.md`` (tables and NMI-vs-steps curves) from the results file alone.
+
+Recipe choices the paper fixes (shared weights, bias banks, R_BA, uniform manifold prior) are kept
+in every cell; what varies is what it leaves open, plus one extension of ours: ``info``, the
+weight of a *manifold-recovery* term (a linear head on the critic's last hidden features predicts
+the manifold index of a fake; its cross-entropy trains the head and the generator, as InfoGAN's
+categorical code and DMWGAN's generator-index posterior do).
+
+    python benchmarks/separation_ablation.py --cells main --seeds 2          # run (resumable)
+    python benchmarks/separation_ablation.py --report                        # tables + curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import qmm_plugin
+from qmm_plugin.paper.manifold_classes import sample_manifold_class_report
+
+try:  # the paper kit's location moves with the package layout
+    from qmm_plugin.paper.data import load_mnist, to_model_range
+    from qmm_plugin.paper.metrics import load_mnist_classifier
+    from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator
+except ImportError:  # pragma: no cover
+    from qmm_plugin.data import load_mnist, to_model_range
+    from qmm_plugin.metrics import load_mnist_classifier
+    from qmm_plugin.models import MNISTCritic, MNISTGenerator
+
+A = 10
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a cell may change. Defaults: Appendix B's Q-WGAN (Adam β1 0.9, Wasserstein loss,
+    one critic step, λ = 0.05, z = 8) at batch 32 on the embedded 10k-digit subset."""
+
+    loss: str = "wasserstein"      # wasserstein | hinge | ns (non-saturating GAN loss)
+    beta1: float = 0.9
+    lr: float = 2e-4
+    n_critic: int = 1
+    lam: float = 0.05
+    init_std: float | None = None  # bank spread (None: convert's default)
+    bank_lr: float = 1.0           # learning-rate multiplier of the bias banks
+    stratified: bool = False       # every batch holds each manifold equally often
+    z_dim: int = 8
+    data: str = "subset"           # subset | full
+    batch: int = 32
+    steps: int = 1600
+    info: float = 0.0              # weight of the manifold-recovery term (ours)
+    num_biases: int = A
+
+
+PAPER = Recipe()
+OURS = Recipe(loss="hinge", beta1=0.5, info=1.0, stratified=True)
+
+CELLS: dict[str, Recipe] = {
+    "paper": PAPER,
+    "beta1=0.5": replace(PAPER, beta1=0.5),
+    "beta1=0.5,hinge": replace(PAPER, beta1=0.5, loss="hinge"),
+    "beta1=0.5,info=1": replace(PAPER, beta1=0.5, info=1.0),
+    "ours": OURS,
+    "ours,lam=0": replace(OURS, lam=0.0),
+    "ours,info=0": replace(OURS, info=0.0),
+    "ours,ns": replace(OURS, loss="ns"),
+    "ours,wasserstein": replace(OURS, loss="wasserstein"),
+    "ours,n_critic=2": replace(OURS, n_critic=2),
+    "ours,init_std=0.3": replace(OURS, init_std=0.3),
+    "ours,bank_lr=10": replace(OURS, bank_lr=10.0),
+    "ours,unstratified": replace(OURS, stratified=False),
+    "ours,z=16": replace(OURS, z_dim=16),
+    "ours,full": replace(OURS, data="full"),
+    "ours,batch=64": replace(OURS, batch=64),
+    "ours,info=0.3": replace(OURS, info=0.3),
+    "ours,info=3": replace(OURS, info=3.0),
+    "ours,lr=5e-4": replace(OURS, lr=5e-4),
+    "ours,wgan(A=1)": replace(OURS, num_biases=1, info=0.0, lam=0.0),
+}
+GROUPS = {
+    "main": ["paper", "beta1=0.5", "ours", "ours,lam=0", "ours,info=0"],
+    "loss": ["beta1=0.5,hinge", "ours,ns", "ours,wasserstein", "ours,n_critic=2"],
+    "banks": ["ours,init_std=0.3", "ours,bank_lr=10", "ours,unstratified"],
+    "size": ["ours,z=16", "ours,full", "ours,batch=64", "ours,info=0.3", "beta1=0.5,info=1", "ours,wgan(A=1)"],
+}
+
+
+def d_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
+    if kind == "wasserstein":
+        return fake.mean() - real.mean()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind == "ns":
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    raise ValueError(f"unknown loss {kind!r}; choose wasserstein, hinge or ns")
+
+
+def g_loss(kind: str, fake: Tensor) -> Tensor:
+    return F.softplus(-fake).mean() if kind == "ns" else -fake.mean()
+
+
+def load_digits(data: str) -> Tensor:
+    data_dir = None if data == "subset" else os.environ.get("MNIST_DIR", "../shared/datasets/mnist")
+    x, _ = load_mnist(data_dir, "train")
+    return to_model_range(x).reshape(-1, 1, 28, 28)
+
+
+def build(r: Recipe) -> tuple[nn.Module, nn.Module, nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
+    q = qmm_plugin.convert(MNISTGenerator(z_dim=r.z_dim), num_biases=r.num_biases, init_std=r.init_std)
+    critic = MNISTCritic(spectral_norm=True, batchnorm=False)
+    head = nn.Linear(critic.config.fc[-1], r.num_biases)
+    banks = [p for n, p in q.named_parameters() if n.endswith("bias_bank")]
+    rest = [p for n, p in q.named_parameters() if not n.endswith("bias_bank")]
+    betas = (r.beta1, 0.999)
+    opt_g = torch.optim.Adam([{"params": rest}, {"params": banks, "lr": r.lr * r.bank_lr}], lr=r.lr, betas=betas)
+    opt_d = torch.optim.Adam(list(critic.parameters()) + list(head.parameters()), lr=r.lr, betas=betas)
+    return q, critic, head, opt_g, opt_d
+
+
+def manifolds(r: Recipe, n: int) -> Tensor:
+    if r.stratified:
+        return torch.randperm(n) % r.num_biases
+    return torch.randint(0, r.num_biases, (n,))
+
+
+def train_step(r: Recipe, q: nn.Module, critic: nn.Module, head: nn.Module, opt_g: torch.optim.Optimizer,
+               opt_d: torch.optim.Optimizer, data: Tensor) -> dict[str, float]:
+    for _ in range(r.n_critic):
+        real = data[torch.randint(0, data.shape[0], (r.batch,))]
+        idx = manifolds(r, r.batch)
+        with torch.no_grad():
+            fake = q(torch.randn(r.batch, r.z_dim), manifold=idx)
+        feats = critic.features(fake)
+        loss_d = d_loss(r.loss, critic(real).reshape(-1), critic.head(feats).reshape(-1))
+        if r.info > 0:
+            loss_d = loss_d + r.info * F.cross_entropy(head(feats), idx)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+    idx = manifolds(r, r.batch)
+    z = torch.randn(r.batch, r.z_dim)
+    if r.lam > 0:
+        fake, reg = q(z, manifold=idx, return_regularizer=True)
+    else:
+        fake, reg = q(z, manifold=idx), torch.zeros(())
+    feats = critic.features(fake)
+    loss_g = g_loss(r.loss, critic.head(feats).reshape(-1)) + r.lam * reg
+    info = F.cross_entropy(head(feats), idx) if r.info > 0 else torch.zeros(())
+    loss_g = loss_g + r.info * info
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    return {k: float(v.detach()) for k, v in (("loss_d", loss_d), ("loss_g", loss_g), ("r_ba", reg), ("info", info))}
+
+
+def evaluate(q: nn.Module, r: Recipe, classifier: nn.Module, real: tuple[Tensor, Tensor], seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    q.eval()
+
+    def sample(i: int, n: int) -> Tensor:
+        return q(torch.randn(n, r.z_dim, generator=gen), manifold=i)
+
+    rep = sample_manifold_class_report(sample, classifier, r.num_biases, 100, real_images=real[0], real_labels=real[1])
+    q.train()
+    return rep.summary()
+
+
+def run_cell(name: str, r: Recipe, seed: int, out: Path, eval_every: int, done: set[tuple[str, int, int]]) -> None:
+    if (name, seed, r.steps) in done:
+        return
+    torch.manual_seed(seed)
+    data = load_digits(r.data)
+    xt, yt = load_mnist(None, "test")
+    real = (to_model_range(xt).reshape(-1, 1, 28, 28), yt)
+    classifier = load_mnist_classifier()
+    q, critic, head, opt_g, opt_d = build(r)
+    ckpt = out / "ckpt" / f"{name}__{seed}.pt"
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        for m, k in ((q, "q"), (critic, "critic"), (head, "head"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            m.load_state_dict(st[k])
+        torch.set_rng_state(st["rng"])
+        start, elapsed = st["step"], st["elapsed"]
+    t0 = time.perf_counter() - elapsed
+    for step in range(start + 1, r.steps + 1):
+        losses = train_step(r, q, critic, head, opt_g, opt_d, data)
+        if step % eval_every == 0 or step == r.steps:
+            t_eval = time.perf_counter()
+            train_s = t_eval - t0
+            row = {"cell": name, "seed": seed, "step": step, "train_s": round(train_s, 1),
+                   "final": step == r.steps, "recipe": asdict(r), **losses,
+                   **evaluate(q, r, classifier, real, seed=1000 + step)}
+            with open(out / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} seed {seed} step {step}: NMI {row['nmi']:.3f} distinct {row['distinct_majorities']} "
+                  f"confident {row['confident']:.2f} min share {row['min_class_share']:.3f} "
+                  f"diversity {row.get('diversity', float('nan')):.2f} ({train_s:.0f} s)", flush=True)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"q": q.state_dict(), "critic": critic.state_dict(), "head": head.state_dict(),
+                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": torch.get_rng_state(),
+                        "step": step, "elapsed": train_s}, tmp)
+            os.replace(tmp, ckpt)
+            t0 += time.perf_counter() - t_eval  # evaluation time is not training time
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", nargs="+", default=["main"], help=f"cell names or groups {sorted(GROUPS)}")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="override every cell's steps")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/separation"))
+    p.add_argument("--report", action="store_true", help="write ABLATION.md from results.jsonl and exit")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        from benchmarks_separation_report import write_report  # noqa: F401  (see below)
+        return
+    names = [c for name in args.cells for c in GROUPS.get(name, [name])]
+    unknown = [n for n in names if n not in CELLS]
+    if unknown:
+        p.error(f"unknown cells {unknown}; choose from {sorted(CELLS)} or groups {sorted(GROUPS)}")
+    done = {(r["cell"], r["seed"], r["step"]) for r in load_results(args.out) if r["final"]}
+    for seed in range(args.seeds):
+        for name in names:
+            r = CELLS[name] if args.steps is None else replace(CELLS[name], steps=args.steps)
+            run_cell(name, r, seed, args.out, args.eval_every, done)
+
+
+if __name__ == "__main__":
+    main()
