@@ -1,147 +1,209 @@
 #!/usr/bin/env python
 r"""Q-β-VAE on MNIST with Appendix C's EM, and the β-VAE and λ = 0 baselines (Table 1).
 
-Run::
-
     python examples/mnist_qbvae.py                       # Q-β-VAE, A = 10, β = 4, λ = 1
     python examples/mnist_qbvae.py --model bvae          # β-VAE (one decoder, A = 1)
     python examples/mnist_qbvae.py --model qbvae-l0      # Q-β-VAE with λ = 0
+    python examples/mnist_qbvae.py --resume --steps 300  # continue a run
 
-The decoder is the Q-WGAN generator without BatchNorm emitting Bernoulli logits
-(``qmm_plugin.paper.models.beta_vae_decoder``), converted with ``qmm_plugin.convert(dec, num_biases=A)``:
-A decoders sharing every weight. Each minibatch gets ``--em-repeats`` (10) EM iterations:
+The lines marked ``# QMM:`` are all QMM adds to a β-VAE loop. The decoder is the Q-WGAN generator
+without BatchNorm emitting Bernoulli logits, converted to A decoders that share every weight.
+Each minibatch gets ``--em-repeats`` (10) EM iterations (``qmm_plugin.paper.vae_em``):
 
 * E-step: responsibilities :math:`\gamma^{(i)} = p^{(i)}(x|z) / \sum_j p^{(j)}(x|z)` (uniform π),
-  computed at the current parameters and held fixed (detached);
+  computed at the current parameters and held fixed;
 * M-step: one Adam step on :math:`-\mathbb E_{q(z|x)}[\sum_i \gamma^{(i)} \log p^{(i)}(x|z)]
-  + \beta\,\mathrm{KL}(q(z|x)\,\|\,p(z)) + \lambda R_{BA}` (Eq. 2).
+  + \beta\,\mathrm{KL}(q(z|x)\,\|\,p(z)) + \lambda R_{BA}` (Eq. 2), all A decoders in one forward
+  of the stacked batch, R_BA from that forward. λ = 1: Sec. 5 and Appendix C write the M-step
+  with ``+ R_BA``. Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
 
-Both steps use one evaluation of :math:`\log p^{(i)}(x|z)` for all A decoders
-(:func:`decode_all_manifolds`): one call of the converted decoder on the stacked ``(A·B)`` batch,
-block ``i`` on manifold ``i``, which also returns R_BA from the same forward
-(``q(..., return_regularizer=True)``). λ = 1: Sec. 5 and Appendix C write the M-step
-objective with ``+ R_BA`` (Appendix C puts the weight λ inside R_BA without a value). Likelihood: Bernoulli with the grey values in [0, 1] as soft targets.
-
-Outputs in ``--out`` as for ``mnist_qwgan.py``: ``samples_step{N}.png`` (rows = decoders, columns
-= shared z; pixel = Bernoulli mean), ``metrics.csv/json`` (ELBO terms, R_BA, final MNIST-FID),
-``checkpoint.pt`` (``--resume``).
+Every sample grid (``samples_step{N}.png``: one row per decoder, one shared z per column, pixel =
+Bernoulli mean, each row labelled with its majority class) comes with the manifold-class report of
+the bundled MNIST classifier on ``--report-samples`` samples per decoder: NMI(manifold; class),
+purity, distinct majority classes, confident share, smallest class share, within-manifold
+diversity (``qmm_plugin.paper.manifold_classes``). ``metrics.json`` holds the logged rows (ELBO
+terms, R_BA, tangential spread, the report) and the final report and MNIST-FID; ``checkpoint.pt``
+is written atomically, ``--resume`` continues exactly, Ctrl-C writes it before exiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 import qmm_plugin
-from qmm_plugin import QuotientModel
 from qmm_plugin.paper import training as C
 from qmm_plugin.paper.data import load_mnist, to_model_range
+from qmm_plugin.paper.manifold_classes import ManifoldClassReport, sample_manifold_class_report
+from qmm_plugin.paper.metrics import load_mnist_classifier
 from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
 from qmm_plugin.paper.vae_em import Z_DIM, decode_all_manifolds, em_losses
 from qmm_plugin.paper.viz import save_manifold_grid
 
-MODELS = ("qbvae", "bvae", "qbvae-l0")
-
-
-@torch.no_grad()
-def sample_grid(q: QuotientModel, columns: int, device: torch.device, seed: int) -> Tensor:
-    """``(A, columns, 1, 28, 28)`` Bernoulli means in [0, 1]: row = decoder, column = shared z."""
-    z = torch.randn(columns, Z_DIM, generator=torch.Generator().manual_seed(seed)).to(device)
-    return torch.sigmoid(decode_all_manifolds(q, z)).cpu()
+#: model -> (A is --num-biases, λ is --lam): β-VAE has one decoder, the λ = 0 ablation no R_BA.
+MODELS = {"qbvae": (True, True), "bvae": (False, False), "qbvae-l0": (True, False)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="qbvae", help="which VAE (default: qbvae)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="qbvae", help="which VAE (default: qbvae)")
     p.add_argument("--num-biases", type=int, default=10, help="A for qbvae / qbvae-l0 (default: 10)")
     p.add_argument("--beta", type=float, default=4.0, help="β of the KL term (default: 4)")
-    p.add_argument("--lam", type=float, default=None, help="λ of λ·R_BA for qbvae (default: 1)")
+    p.add_argument("--lam", type=float, default=1.0, help="λ of λ·R_BA for qbvae (default: 1)")
     p.add_argument("--em-repeats", type=int, default=10, help="EM iterations per minibatch (default: 10)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: 2e-4)")
     p.add_argument("--grid-columns", type=int, default=10, help="shared z per sample grid (default: 10)")
+    p.add_argument("--report-samples", type=int, default=100, help="samples per decoder for the report")
     C.add_common_args(p, out="runs/mnist_qbvae", steps=150, batch_size=32, sample_every=50, ckpt_every=50,
                       fid_samples=2000)
     args = p.parse_args(argv)
     given = C.explicit_flags(p, argv)
     if args.smoke:  # never overrides a flag given on the command line
         given |= C.apply_smoke(args, given, {"steps": 2, "batch_size": 8, "em_repeats": 2, "fid_samples": 100,
-                                             "ckpt_every": 1, "log_every": 1, "sample_every": lambda a: a.steps})
+                                             "ckpt_every": 1, "log_every": 1, "report_samples": 10,
+                                             "sample_every": lambda a: a.steps})
     C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "em_repeats",
-                     "grid_columns", "num_biases")
-    C.resume_settings(args, given)
+                     "grid_columns", "num_biases", "report_samples")
+    for flag, dest, models in (("--lam", "lam", ("qbvae",)), ("--num-biases", "num_biases", ("qbvae", "qbvae-l0"))):
+        if dest in given and args.model not in models:
+            p.error(f"{flag} applies to --model {' / '.join(models)}, not {args.model}; drop it")
+    C.resume_settings(args, given)  # --resume: the checkpoint's flags, unless one given can change
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     d = C.setup_runtime(args)
-    out = Path(args.out)
+    if d.enabled:
+        raise SystemExit("error: this example trains in one process; run it without torchrun")
+    dev, out = d.device, Path(args.out)
+    many, with_r_ba = MODELS[args.model]
+    a, lam = (args.num_biases if many else 1), (args.lam if with_r_ba else 0.0)
+    C.prepare_output_dir(out)
     C.seed_all(args.seed)
-    a = 1 if args.model == "bvae" else args.num_biases
-    lam = 0.0 if args.model != "qbvae" else (1.0 if args.lam is None else args.lam)
-    q = qmm_plugin.convert(beta_vae_decoder(Z_DIM), num_biases=a).to(d.device)
-    encoder = BetaVAEEncoder(Z_DIM).to(d.device)
+
+    q = qmm_plugin.convert(beta_vae_decoder(Z_DIM), num_biases=a).to(dev)  # QMM: A decoders, shared weights
+    encoder = BetaVAEEncoder(Z_DIM).to(dev)
     opt = torch.optim.Adam([*encoder.parameters(), *q.parameters()], lr=args.lr)
+
     images, _ = load_mnist(args.data_dir, "train")
-    batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed, rank=d.rank,
-                               world_size=d.world_size)
-    settings = {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta,
-                "world_size": d.world_size, "batch_size": args.batch_size, "seed": args.seed}
-    run = C.TrainRun(args, d, settings, {"decoder": q, "encoder": encoder}, {"adam": opt})
-    # Under torchrun the gradients of encoder and decoder are averaged by hand after backward (one
-    # all-reduce per M-step) instead of through two DDP wrappers.
-    params = [p for p in [*encoder.parameters(), *q.parameters()] if p.requires_grad]
+    batches = C.ShardedBatches(to_model_range(images), args.batch_size, seed=args.seed)
+    test_x, test_y = load_mnist(args.data_dir, "test")
+    real_test = to_model_range(test_x).reshape(-1, 1, 28, 28)
+    classifier = load_mnist_classifier().to(dev)
 
     def train_step(step: int) -> dict[str, float]:
-        x = batches.batch(step - 1, d.device)
+        x = batches.batch(step - 1, dev)
         for _ in range(args.em_repeats):
-            terms = em_losses(q, encoder, x, args.beta, lam)
-            loss = terms["loss"]
+            terms = em_losses(q, encoder, x, args.beta, lam)                 # QMM: E-step, M-step + λ R_BA
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if d.enabled:
-                C.average_gradients(params, d)
+            terms["loss"].backward()
             opt.step()
-        row = {"loss": loss.item(), "nll": terms["nll"].item(), "kl": terms["kl"].item(),
+        row = {"loss": terms["loss"].item(), "nll": terms["nll"].item(), "kl": terms["kl"].item(),
                "log_px_best": terms["log_px_best"].item(),
                "gamma_max_mean": terms["gamma"].max(0).values.mean().item()}
         if "r_ba" in terms:
             row["r_ba"] = terms["r_ba"].item()
         return row
 
-    def on_sample(step: int) -> dict[str, float]:
-        save_manifold_grid(sample_grid(q, args.grid_columns, d.device, args.seed + 12345),
-                           out / f"samples_step{step}.png", value_range=(0.0, 1.0), scale=2)
-        if a < 2:
-            return {}
-        return {f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()}
+    @torch.no_grad()
+    def decode(z: Tensor, manifold: Tensor | int) -> Tensor:
+        """Bernoulli means in [-1, 1] (the classifier's and MNIST-FID's range)."""
+        return torch.sigmoid(q(z, manifold=manifold)) * 2 - 1
 
-    code = run.run(train_step, on_sample, args.model)
-    if code == 0 and d.is_main and args.fid_samples > 0:
+    @torch.no_grad()
+    def report(step: int) -> ManifoldClassReport:
+        """Manifold-class report and labelled grid ``samples_step{step}.png``."""
+        gen = torch.Generator().manual_seed(args.seed + step)
+        q.eval()
+        rep = sample_manifold_class_report(
+            lambda i, n: decode(torch.randn(n, Z_DIM, generator=gen).to(dev), i),  # QMM: sample decoder i
+            classifier, a, args.report_samples, real_images=real_test, real_labels=test_y)
+        z = torch.randn(args.grid_columns, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
+        grid = torch.sigmoid(decode_all_manifolds(q, z.to(dev))).cpu()       # rows = decoders
+        q.train()
+        labels = [f"{i}: {int(c)} {float(rep.histogram[i].max()) / float(rep.histogram[i].sum()):.0%}"
+                  for i, c in enumerate(rep.majority)]
+        save_manifold_grid(grid, out / f"samples_step{step}.png", value_range=(0.0, 1.0), scale=2,
+                           row_labels=labels)
+        return rep
+
+    modules = {"decoder": q, "encoder": encoder}
+    log = C.MetricsLog(out, enabled=True)
+    start = last_good = 0
+    if args.resume:
+        ckpt = C.read_checkpoint(out / C.CHECKPOINT_NAME)
+        for name, m in modules.items():
+            m.load_state_dict(ckpt["modules"][name])
+        opt.load_state_dict(ckpt["optimizers"]["adam"])
+        for group in opt.param_groups:  # a changed --lr applies from here on
+            group["lr"] = args.lr
+        log.load_state(ckpt["metrics"])
+        C.set_rng_state(ckpt["rng"])
+        start = last_good = ckpt["step"]
+        print(f"resumed {out / C.CHECKPOINT_NAME} at step {start}", file=sys.stderr)
+
+    def checkpoint(step: int) -> None:
+        log.write()
+        C.save_checkpoint(out, {"step": step, "args": vars(args), "metrics": log.state(), "rng": C.rng_state(),
+                                "settings": {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta},
+                                "modules": {n: m.state_dict() for n, m in modules.items()},
+                                "optimizers": {"adam": opt.state_dict()}})
+
+    stop = C.StopFlag(d)
+    bar = C.progress(args.steps, start, d, args.no_progress, args.model)
+    rep, t0 = None, time.perf_counter()
+    for step in range(start + 1, args.steps + 1):
+        row: dict[str, float | int] = {"step": step, **train_step(step)}
+        bar.update(1)
+        if C.nonfinite_entries(row):  # stop before a checkpoint overwrites the last good one
+            print(C.nonfinite_loss_message(C.nonfinite_entries(row), step, out, last_good or None, args.lr),
+                  file=sys.stderr)
+            return C.NONFINITE_EXIT
+        row["sec_per_step"] = (time.perf_counter() - t0) / (step - start)
+        if C.every(step, args.sample_every, args.steps):
+            rep = report(step)
+            row.update({f"report/{k}": v for k, v in rep.summary().items() if not isinstance(v, list)})
+            if a > 1:
+                row.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
+            bar.write(f"step {step}: " + rep.format().splitlines()[-1])
+        if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
+            log.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", gamma_max=f"{row['gamma_max_mean']:.2f}")
+        stopping = stop.should_stop()
+        if C.every(step, args.ckpt_every, args.steps) or stopping:
+            checkpoint(step)
+            last_good = step
+        if stopping:
+            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
+            return 130
+    bar.close()
+    stop.restore()
+
+    rep = report(args.steps) if rep is None else rep  # a resumed, finished run is evaluated again
+    final = {"steps": args.steps, "model": args.model, "report": rep.summary()}
+    if a > 1:
+        final.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
+    if args.fid_samples > 0:
         gen = torch.Generator().manual_seed(args.seed + 777)
-
-        @torch.no_grad()
-        def sample(k: int) -> Tensor:
-            z = torch.randn(k, Z_DIM, generator=gen).to(d.device)
-            i = torch.randint(0, a, (k,), generator=gen).to(d.device)
-            return torch.sigmoid(q(z, manifold=i)) * 2 - 1  # Bernoulli mean, in [-1, 1]
-
-        test, _ = load_mnist(args.data_dir, "test")
-        fid = C.mnist_fid(sample, args.fid_samples, test)
-        final: dict[str, Any] = {"mnist_fid": fid, "mnist_fid_samples": args.fid_samples,
-                                 "steps": args.steps, "model": args.model}
-        final.update({k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")})
-        run.finish(final)
-        print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
-              f"{test.shape[0]} test digits); outputs in {out}/")
-    C.cleanup_distributed()
-    return code
+        q.eval()
+        final["mnist_fid"] = C.mnist_fid(
+            lambda k: decode(torch.randn(k, Z_DIM, generator=gen).to(dev),
+                             torch.randint(0, a, (k,), generator=gen).to(dev)), args.fid_samples, test_x)
+        final["mnist_fid_samples"] = args.fid_samples
+        q.train()
+    log.final.update(final)
+    log.write()
+    print(rep.format())
+    print(f"{args.model}, step {args.steps}: NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct majority "
+          f"classes, {rep.confident:.0%} confident"
+          + (f", MNIST-FID {final['mnist_fid']:.2f}" if "mnist_fid" in final else "") + f"; outputs in {out}/")
+    return 0
 
 
 if __name__ == "__main__":

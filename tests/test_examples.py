@@ -106,11 +106,35 @@ def test_mnist_qwgan_torchrun_two_processes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model,rows", [("qbvae", 10), ("bvae", 1)])
 def test_mnist_qbvae_smoke(tmp_path: Path, model: str, rows: int) -> None:
     out = tmp_path / model
-    run_example("mnist_qbvae.py", "--smoke", "--no-progress", "--model", model, "--out", str(out), cwd=tmp_path)
-    assert grid_shape(out / "samples_step2.png") == (rows, 10)
+    stdout = run_example("mnist_qbvae.py", "--smoke", "--no-progress", "--model", model, "--out", str(out),
+                         cwd=tmp_path)
+    assert "distinct majority classes" in stdout  # the manifold-class report
+    with Image.open(out / "samples_step2.png") as img:  # rows x 10 shared z, plus the row-label margin
+        assert img.size[1] == rows * TILE + 2 and img.size[0] > 10 * TILE + 2
     metrics = load_metrics(out)
     assert math.isfinite(metrics["final"]["mnist_fid"])
+    report = metrics["final"]["report"]
+    assert len(report["majority"]) == rows and sum(report["coverage"]) == pytest.approx(1.0, abs=1e-3)
     assert all(math.isfinite(r["nll"]) and math.isfinite(r["kl"]) for r in metrics["rows"])
+    assert "report/nmi" in metrics["rows"][-1]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["settings"]["num_biases"] == rows
+
+
+@pytest.mark.slow
+def test_mnist_qbvae_resume_continues_exactly(tmp_path: Path) -> None:
+    common = ("--smoke", "--fid-samples", "0", "--no-progress")
+    run_example("mnist_qbvae.py", *common, "--steps", "4", "--out", str(tmp_path / "straight"), cwd=tmp_path)
+    run_example("mnist_qbvae.py", *common, "--steps", "2", "--out", str(tmp_path / "split"), cwd=tmp_path)
+    run_example("mnist_qbvae.py", *common, "--steps", "4", "--resume", "--out", str(tmp_path / "split"),
+                cwd=tmp_path)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for name in ("decoder", "encoder"):
+        for key, value in a["modules"][name].items():
+            assert torch.equal(value, b["modules"][name][key]), f"{name}.{key} differs after resume"
+    assert [r["loss"] for r in a["metrics"]["rows"]] == [r["loss"] for r in b["metrics"]["rows"]]
 
 
 @pytest.mark.slow
