@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import qmm_plugin
@@ -42,7 +43,7 @@ from qmm_plugin.paper.data import load_mnist, to_model_range
 from qmm_plugin.paper.manifold_classes import ManifoldClassReport, sample_manifold_class_report
 from qmm_plugin.paper.metrics import load_mnist_classifier
 from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
-from qmm_plugin.paper.vae_em import Z_DIM, decode_all_manifolds, em_losses
+from qmm_plugin.paper.vae_em import Z_DIM, decode_all_manifolds, em_losses, kmeans
 from qmm_plugin.paper.viz import save_manifold_grid
 
 #: model -> (A is --num-biases, λ is --lam): β-VAE has one decoder, the λ = 0 ablation no R_BA.
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=4.0, help="β of the KL term (default: 4)")
     p.add_argument("--lam", type=float, default=1.0, help="λ of λ·R_BA for qbvae (default: 1)")
     p.add_argument("--em-repeats", type=int, default=10, help="EM iterations per minibatch (default: 10)")
+    p.add_argument("--kmeans-steps", type=int, default=0,
+                   help="warm start against the symmetric start: for the first N steps the E-step is replaced "
+                        "by each image's k-means cluster of the training pixels (default: 0, plain EM)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: 2e-4)")
     p.add_argument("--grid-columns", type=int, default=10, help="shared z per sample grid (default: 10)")
     p.add_argument("--report-samples", type=int, default=100, help="samples per decoder for the report")
@@ -67,9 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         given |= C.apply_smoke(args, given, {"steps": 2, "batch_size": 8, "em_repeats": 2, "fid_samples": 100,
                                              "ckpt_every": 1, "log_every": 1, "report_samples": 10,
                                              "sample_every": lambda a: a.steps})
+    if args.kmeans_steps < 0:
+        p.error(f"--kmeans-steps must be >= 0, got {args.kmeans_steps}")
     C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "em_repeats",
                      "grid_columns", "num_biases", "report_samples")
-    for flag, dest, models in (("--lam", "lam", ("qbvae",)), ("--num-biases", "num_biases", ("qbvae", "qbvae-l0"))):
+    for flag, dest, models in (("--lam", "lam", ("qbvae",)), ("--num-biases", "num_biases", ("qbvae", "qbvae-l0")),
+                                 ("--kmeans-steps", "kmeans_steps", ("qbvae", "qbvae-l0"))):
         if dest in given and args.model not in models:
             p.error(f"{flag} applies to --model {' / '.join(models)}, not {args.model}; drop it")
     C.resume_settings(args, given)  # --resume: the checkpoint's flags, unless one given can change
@@ -96,11 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     test_x, test_y = load_mnist(args.data_dir, "test")
     real_test = to_model_range(test_x).reshape(-1, 1, 28, 28)
     classifier = load_mnist_classifier().to(dev)
+    clusters = kmeans(batches.data, a, seed=args.seed) if args.kmeans_steps > 0 else None  # ours: warm start
+
+    def warm_gamma(step: int) -> Tensor | None:
+        """One-hot k-means clusters of the batch (A, B) during the warm start, else None (E-step)."""
+        if clusters is None or step > args.kmeans_steps:
+            return None
+        return F.one_hot(clusters[batches.indices(step - 1)], a).T.float().to(dev)
 
     def train_step(step: int) -> dict[str, float]:
-        x = batches.batch(step - 1, dev)
+        x, gamma = batches.batch(step - 1, dev), warm_gamma(step)
         for _ in range(args.em_repeats):
-            terms = em_losses(q, encoder, x, args.beta, lam)                 # QMM: E-step, M-step + λ R_BA
+            terms = em_losses(q, encoder, x, args.beta, lam, gamma)          # QMM: E-step, M-step + λ R_BA
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()

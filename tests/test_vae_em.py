@@ -9,7 +9,7 @@ import torch
 
 import qmm_plugin
 from qmm_plugin.paper import vae_em
-from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder
+from qmm_plugin.paper.models import BetaVAEEncoder, beta_vae_decoder, reparameterize
 from qmm_plugin.paper.vae_em import decode_all_manifolds, em_losses
 
 
@@ -88,3 +88,44 @@ def test_em_loss_takes_r_ba_from_the_decoder_forward() -> None:
     ref = torch.autograd.grad(separate, params)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_em_losses_uses_given_responsibilities_instead_of_the_e_step() -> None:
+    """The warm start: a one-hot γ (e.g. k-means clusters) replaces the E-step, so only decoder
+    γ's row gets each sample's likelihood term; a γ of the wrong shape or not summing to 1 is refused."""
+    torch.manual_seed(3)
+    q = qmm_plugin.convert(beta_vae_decoder(8), num_biases=3)
+    enc = BetaVAEEncoder(8)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    given = torch.nn.functional.one_hot(torch.tensor([2, 0, 2, 1]), 3).T.float()
+    torch.manual_seed(7)
+    free = em_losses(q, enc, x, beta=4.0)
+    torch.manual_seed(7)  # the same z
+    warm = em_losses(q, enc, x, beta=4.0, gamma=given)
+    torch.testing.assert_close(warm["gamma"], given)
+    assert not torch.allclose(free["gamma"], given)
+    torch.manual_seed(7)
+    mu, logvar = enc(x)
+    z = reparameterize(mu, logvar)
+    log_p = -torch.nn.functional.binary_cross_entropy_with_logits(
+        decode_all_manifolds(q, z), ((x + 1) / 2).expand(3, -1, -1, -1, -1), reduction="none").flatten(2).sum(-1)
+    torch.testing.assert_close(warm["nll"], -log_p[[2, 0, 2, 1], [0, 1, 2, 3]].mean(), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match=r"gamma must be \(3, 4\) responsibilities"):
+        em_losses(q, enc, x, beta=4.0, gamma=given[:, :3])
+    with pytest.raises(ValueError, match="each column summing to 1"):
+        em_losses(q, enc, x, beta=4.0, gamma=given * 2)
+
+
+def test_kmeans_recovers_separated_clusters_and_refuses_bad_k() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = torch.arange(3).repeat_interleave(20)
+    points = centres[truth] + 0.5 * torch.randn(60, 2, generator=gen)
+    labels = vae_em.kmeans(points, 3, seed=1)
+    assert labels.shape == (60,) and labels.dtype == torch.int64
+    for c in range(3):  # each true cluster is one label, and the three labels differ
+        assert labels[truth == c].unique().numel() == 1
+    assert labels.unique().numel() == 3
+    torch.testing.assert_close(vae_em.kmeans(points, 3, seed=1), labels)  # deterministic given the seed
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 60\]"):
+        vae_em.kmeans(points, 61)
