@@ -66,19 +66,20 @@ def test_mnist_qwgan_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mnist_qwgan_resume_continues_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script,modules,loss", [("mnist_qwgan.py", ("generator", "critic", "recover"), "loss_g"),
+                                                 ("mnist_qbvae.py", ("decoder", "encoder"), "loss")])
+def test_resume_continues_exactly(tmp_path: Path, script: str, modules: tuple[str, ...], loss: str) -> None:
     common = ("--smoke", "--fid-samples", "0", "--no-progress")
-    run_example("mnist_qwgan.py", *common, "--steps", "4", "--out", str(tmp_path / "straight"), cwd=tmp_path)
-    run_example("mnist_qwgan.py", *common, "--steps", "2", "--out", str(tmp_path / "split"), cwd=tmp_path)
-    run_example("mnist_qwgan.py", *common, "--steps", "4", "--resume", "--out", str(tmp_path / "split"),
-                cwd=tmp_path)
+    run_example(script, *common, "--steps", "4", "--out", str(tmp_path / "straight"), cwd=tmp_path)
+    run_example(script, *common, "--steps", "2", "--out", str(tmp_path / "split"), cwd=tmp_path)
+    run_example(script, *common, "--steps", "4", "--resume", "--out", str(tmp_path / "split"), cwd=tmp_path)
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 4
-    for name in ("generator", "critic", "recover"):
+    for name in modules:
         for key, value in a["modules"][name].items():
             assert torch.equal(value, b["modules"][name][key]), f"{name}.{key} differs after resume"
-    assert [r["loss_g"] for r in a["metrics"]["rows"]] == [r["loss_g"] for r in b["metrics"]["rows"]]
+    assert [r[loss] for r in a["metrics"]["rows"]] == [r[loss] for r in b["metrics"]["rows"]]
 
 
 @pytest.mark.slow
@@ -119,22 +120,6 @@ def test_mnist_qbvae_smoke(tmp_path: Path, model: str, rows: int) -> None:
     assert "report/nmi" in metrics["rows"][-1]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["settings"]["num_biases"] == rows
-
-
-@pytest.mark.slow
-def test_mnist_qbvae_resume_continues_exactly(tmp_path: Path) -> None:
-    common = ("--smoke", "--fid-samples", "0", "--no-progress")
-    run_example("mnist_qbvae.py", *common, "--steps", "4", "--out", str(tmp_path / "straight"), cwd=tmp_path)
-    run_example("mnist_qbvae.py", *common, "--steps", "2", "--out", str(tmp_path / "split"), cwd=tmp_path)
-    run_example("mnist_qbvae.py", *common, "--steps", "4", "--resume", "--out", str(tmp_path / "split"),
-                cwd=tmp_path)
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for name in ("decoder", "encoder"):
-        for key, value in a["modules"][name].items():
-            assert torch.equal(value, b["modules"][name][key]), f"{name}.{key} differs after resume"
-    assert [r["loss"] for r in a["metrics"]["rows"]] == [r["loss"] for r in b["metrics"]["rows"]]
 
 
 @pytest.mark.slow
