@@ -143,24 +143,32 @@ def manifolds(r: Recipe, n: int) -> Tensor:
 
 def train_step(r: Recipe, q: nn.Module, critic: nn.Module, head: nn.Module, opt_g: torch.optim.Optimizer,
                opt_d: torch.optim.Optimizer, data: Tensor) -> dict[str, float]:
-    for _ in range(r.n_critic):
-        real = data[torch.randint(0, data.shape[0], (r.batch,))]
-        idx = manifolds(r, r.batch)
-        with torch.no_grad():
-            fake = q(torch.randn(r.batch, r.z_dim), manifold=idx)
-        feats = critic.features(fake)
-        loss_d = d_loss(r.loss, critic(real).reshape(-1), critic.head(feats).reshape(-1))
-        if r.info > 0:
-            loss_d = loss_d + r.info * F.cross_entropy(head(feats), idx)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+    """One generator step after ``n_critic`` critic steps; the last critic step and the generator
+    step share one fake batch (as pytorch/examples' DCGAN), real and fake go through the critic
+    (no BatchNorm) as one batch."""
     idx = manifolds(r, r.batch)
     z = torch.randn(r.batch, r.z_dim)
     if r.lam > 0:
         fake, reg = q(z, manifold=idx, return_regularizer=True)
     else:
         fake, reg = q(z, manifold=idx), torch.zeros(())
+    for k in range(r.n_critic):
+        real = data[torch.randint(0, data.shape[0], (r.batch,))]
+        idx_d = idx if k == r.n_critic - 1 else manifolds(r, r.batch)
+        if k == r.n_critic - 1:
+            fake_d = fake.detach()
+        else:
+            with torch.no_grad():
+                fake_d = q(torch.randn(r.batch, r.z_dim), manifold=idx_d)
+        feats = critic.features(torch.cat([real, fake_d]))
+        scores = critic.head(feats).reshape(-1)
+        loss_d = d_loss(r.loss, scores[:r.batch], scores[r.batch:])
+        if r.info > 0:
+            loss_d = loss_d + r.info * F.cross_entropy(head(feats[r.batch:]), idx_d)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+    critic.requires_grad_(False)
     feats = critic.features(fake)
     loss_g = g_loss(r.loss, critic.head(feats).reshape(-1)) + r.lam * reg
     info = F.cross_entropy(head(feats), idx) if r.info > 0 else torch.zeros(())
@@ -168,6 +176,7 @@ def train_step(r: Recipe, q: nn.Module, critic: nn.Module, head: nn.Module, opt_
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
+    critic.requires_grad_(True)
     return {k: float(v.detach()) for k, v in (("loss_d", loss_d), ("loss_g", loss_g), ("r_ba", reg), ("info", info))}
 
 

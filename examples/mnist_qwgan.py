@@ -117,21 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         return fake.mean() - real.mean()
 
     def train_step(step: int) -> dict[str, float]:
-        real = batches.batch(step - 1, dev)
-        idx = manifolds(real.shape[0])
-        with torch.no_grad():
-            fake = g(torch.randn(real.shape[0], Z_DIM, device=dev), manifold=idx)
-        feats = critic.features(fake)
-        loss_d = d_loss(critic(real).reshape(-1), critic.head(feats).reshape(-1))
-        if args.info > 0:
-            loss_d = loss_d + args.info * F.cross_entropy(recover(feats), idx)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-
         idx = manifolds(args.batch_size)
         z = torch.randn(args.batch_size, Z_DIM, device=dev)
         fake, r_ba = g(z, manifold=idx, return_regularizer=True)              # QMM: R_BA (Eq. 2) from the forward
+        # critic: real and fake as one batch (the critic has no BatchNorm)
+        real = batches.batch(step - 1, dev)
+        feats = critic.features(torch.cat([real, fake.detach()]))
+        scores = critic.head(feats).reshape(-1)
+        loss_d = d_loss(scores[:real.shape[0]], scores[real.shape[0]:])
+        if args.info > 0:                                                     # ours: recover the manifold
+            loss_d = loss_d + args.info * F.cross_entropy(recover(feats[real.shape[0]:]), idx)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        # generator, on the same fakes: -D(G(z)) + λ R_BA (+ our recovery term)
         critic.requires_grad_(False)
         feats = critic.features(fake)
         loss_g = -critic.head(feats).mean() + args.lam * r_ba                 # QMM: + λ R_BA
