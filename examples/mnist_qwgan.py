@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta1", type=float, default=None, help="Adam β1 of G and D (preset's)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default: 2e-4)")
     p.add_argument("--report-samples", type=int, default=100, help="samples per manifold for the report")
-    C.add_common_args(p, out="runs/mnist_qwgan", steps=1600, batch_size=32, sample_every=400,
-                      ckpt_every=200, fid_samples=2000)
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=2000, batch_size=32, sample_every=500,
+                      ckpt_every=250, fid_samples=2000)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
