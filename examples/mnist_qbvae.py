@@ -147,38 +147,17 @@ def main(argv: list[str] | None = None) -> int:
                            row_labels=labels)
         return rep
 
-    modules = {"decoder": q, "encoder": encoder}
-    log = C.MetricsLog(out, enabled=True)
-    start = last_good = 0
-    if args.resume:
-        ckpt = C.read_checkpoint(out / C.CHECKPOINT_NAME)
-        for name, m in modules.items():
-            m.load_state_dict(ckpt["modules"][name])
-        opt.load_state_dict(ckpt["optimizers"]["adam"])
-        for group in opt.param_groups:  # a changed --lr applies from here on
-            group["lr"] = args.lr
-        log.load_state(ckpt["metrics"])
-        C.set_rng_state(ckpt["rng"])
-        start = last_good = ckpt["step"]
-        print(f"resumed {out / C.CHECKPOINT_NAME} at step {start}", file=sys.stderr)
+    run = C.FlatRun(args, d, {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta},
+                    {"decoder": q, "encoder": encoder}, {"adam": opt})           # save / --resume / Ctrl-C
+    start = run.resume()
 
-    def checkpoint(step: int) -> None:
-        log.write()
-        C.save_checkpoint(out, {"step": step, "args": vars(args), "metrics": log.state(), "rng": C.rng_state(),
-                                "settings": {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta},
-                                "modules": {n: m.state_dict() for n, m in modules.items()},
-                                "optimizers": {"adam": opt.state_dict()}})
-
-    stop = C.StopFlag(d)
     bar = C.progress(args.steps, start, d, args.no_progress, args.model)
     rep, t0 = None, time.perf_counter()
     for step in range(start + 1, args.steps + 1):
         row: dict[str, float | int] = {"step": step, **train_step(step)}
         bar.update(1)
-        if C.nonfinite_entries(row):  # stop before a checkpoint overwrites the last good one
-            print(C.nonfinite_loss_message(C.nonfinite_entries(row), step, out, last_good or None, args.lr),
-                  file=sys.stderr)
-            return C.NONFINITE_EXIT
+        if (code := run.guard(row, step)) is not None:  # NaN/inf: the last good checkpoint stays
+            return code
         row["sec_per_step"] = (time.perf_counter() - t0) / (step - start)
         if C.every(step, args.sample_every, args.steps):
             rep = report(step)
@@ -187,17 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                 row.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
             bar.write(f"step {step}: " + rep.format().splitlines()[-1])
         if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
-            log.log(row)
+            run.log.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4g}", gamma_max=f"{row['gamma_max_mean']:.2f}")
-        stopping = stop.should_stop()
-        if C.every(step, args.ckpt_every, args.steps) or stopping:
-            checkpoint(step)
-            last_good = step
-        if stopping:
-            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
-            return 130
+        if (code := run.end_step(step)) is not None:  # Ctrl-C: checkpoint written, exit
+            return code
     bar.close()
-    stop.restore()
 
     rep = report(args.steps) if rep is None else rep  # a resumed, finished run is evaluated again
     final = {"steps": args.steps, "model": args.model, "report": rep.summary()}
@@ -211,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                              torch.randint(0, a, (k,), generator=gen).to(dev)), args.fid_samples, test_x)
         final["mnist_fid_samples"] = args.fid_samples
         q.train()
-    log.final.update(final)
-    log.write()
+    run.finish(final)
     print(rep.format())
     print(f"{args.model}, step {args.steps}: NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct majority "
           f"classes, {rep.confident:.0%} confident"

@@ -158,56 +158,26 @@ def main(argv: list[str] | None = None) -> int:
         save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=labels)
         return rep
 
-    modules = {"generator": g, "critic": critic, "recover": recover}
-    optimizers = {"generator": opt_g, "critic": opt_d}
-    log = C.MetricsLog(out, enabled=True)
-    start = last_good = 0
-    if args.resume:
-        ckpt = C.read_checkpoint(out / C.CHECKPOINT_NAME)
-        for name, m in modules.items():
-            m.load_state_dict(ckpt["modules"][name])
-        for name, o in optimizers.items():
-            o.load_state_dict(ckpt["optimizers"][name])
-            for group in o.param_groups:  # a changed --lr applies from here on
-                group["lr"] = args.lr
-        log.load_state(ckpt["metrics"])
-        C.set_rng_state(ckpt["rng"])
-        start = last_good = ckpt["step"]
-        print(f"resumed {out / C.CHECKPOINT_NAME} at step {start}", file=sys.stderr)
-
-    def checkpoint(step: int) -> None:
-        log.write()
-        C.save_checkpoint(out, {"step": step, "settings": {"model": "qwgan" if a > 1 else "wgan"}, "args": vars(args),
-                                "metrics": log.state(), "rng": C.rng_state(),
-                                "modules": {n: m.state_dict() for n, m in modules.items()},
-                                "optimizers": {n: o.state_dict() for n, o in optimizers.items()}})
-
-    stop = C.StopFlag(d)
+    run = C.FlatRun(args, d, {"model": "qwgan" if a > 1 else "wgan"},     # save / --resume / Ctrl-C
+                    {"generator": g, "critic": critic, "recover": recover}, {"generator": opt_g, "critic": opt_d})
+    start = run.resume()
     bar = C.progress(args.steps, start, d, args.no_progress, f"Q-WGAN ({args.preset})")
     rep = None
     for step in range(start + 1, args.steps + 1):
         row: dict[str, float | int] = {"step": step, **train_step(step)}
         bar.update(1)
-        if C.nonfinite_entries(row):  # stop before a checkpoint overwrites the last good one
-            print(C.nonfinite_loss_message(C.nonfinite_entries(row), step, out, last_good or None, args.lr),
-                  file=sys.stderr)
-            return C.NONFINITE_EXIT
+        if (code := run.guard(row, step)) is not None:  # NaN/inf: the last good checkpoint stays
+            return code
         if C.every(step, args.sample_every, args.steps):
             rep = report(step)
             row.update({f"report/{k}": v for k, v in rep.summary().items() if not isinstance(v, list)})
             bar.write(f"step {step}: " + rep.format().splitlines()[-1])
         if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
-            log.log(row)
+            run.log.log(row)
             bar.set_postfix(loss_d=f"{row['loss_d']:.3g}", loss_g=f"{row['loss_g']:.3g}")
-        stopping = stop.should_stop()
-        if C.every(step, args.ckpt_every, args.steps) or stopping:
-            checkpoint(step)
-            last_good = step
-        if stopping:
-            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
-            return 130
+        if (code := run.end_step(step)) is not None:  # Ctrl-C: checkpoint written, exit
+            return code
     bar.close()
-    stop.restore()
 
     rep = report(args.steps) if rep is None else rep  # a resumed, finished run is evaluated again
     final = {"steps": args.steps, "preset": args.preset, "report": rep.summary()}
@@ -217,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         final["mnist_fid"] = C.mnist_fid(lambda k: g(torch.randn(k, Z_DIM, generator=gen).to(dev)),
                                          args.fid_samples, test_x)
         g.train()
-    log.final.update(final)
-    log.write()
+    run.finish(final)
     print(rep.format())
     print(f"Q-WGAN ({args.preset}), step {args.steps}: NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct "
           f"majority classes, {rep.confident:.0%} confident"

@@ -271,3 +271,30 @@ def test_resume_with_a_lower_lr_applies_it_to_the_optimisers(tmp_path: Path) -> 
     assert run.run(lambda k: {"loss": 1.0}, lambda k: {}, "toy") == 0
     resumed, _, opt2 = toy_run(tmp_path, steps=4, resume=True, lr=0.01)
     assert resumed.start == 2 and opt2.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_flat_run_saves_resumes_and_guards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qmm_plugin.paper.training import NONFINITE_EXIT, Dist, FlatRun
+
+    def make(resume: bool, lr: float) -> tuple[FlatRun, nn.Linear, torch.optim.Adam]:
+        args = argparse.Namespace(out=str(tmp_path), resume=resume, lr=lr, steps=4, ckpt_every=2)
+        lin = nn.Linear(3, 2)
+        opt = torch.optim.Adam(lin.parameters(), lr=lr)
+        return FlatRun(args, Dist(0, 1, torch.device("cpu")), {"model": "t"}, {"m": lin}, {"o": opt}), lin, opt
+
+    run, lin, _ = make(resume=False, lr=1e-3)
+    assert run.resume() == 0
+    assert run.guard({"loss": 1.0}, 1) is None and run.end_step(1) is None
+    assert not (tmp_path / "checkpoint.pt").exists()          # step 1: no checkpoint due
+    run.log.log({"step": 2, "loss": 0.5})
+    assert run.end_step(2) is None and run.last_good == 2      # every --ckpt-every steps
+    assert run.guard({"loss": float("nan")}, 3) == NONFINITE_EXIT
+    assert "step 2" in capsys.readouterr().err                 # names the last good checkpoint
+    run.stop.restore()
+
+    again, lin2, opt2 = make(resume=True, lr=5e-4)
+    assert again.resume() == 2
+    assert torch.equal(lin2.weight, lin.weight)
+    assert opt2.param_groups[0]["lr"] == 5e-4                   # a changed --lr applies on resume
+    assert again.log.rows[-1]["loss"] == 0.5
+    again.stop.restore()

@@ -76,6 +76,7 @@ __all__ = [
     "seed_all",
     "mnist_fid",
     "TrainRun",
+    "FlatRun",
     "average_gradients",
     "tune_cpu_allocator",
     "explicit_flags",
@@ -780,3 +781,74 @@ def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+# ------------------------------------------------------------------------- flat example runs
+class FlatRun:
+    """Save, resume and stop for an example whose loop is written out in the script.
+
+    The script keeps its loop; this keeps the bookkeeping every such loop needs the same way:
+    ``start = run.resume()`` (``--resume``: modules, optimisers, metrics and RNG from
+    ``OUT/checkpoint.pt``; a changed ``--lr`` applies from there), ``run.guard(row, step)`` right
+    after a training step (NaN/inf loss: stop before any checkpoint overwrites the last good one,
+    return :data:`NONFINITE_EXIT`), and ``run.end_step(step)`` last in the loop (checkpoint every
+    ``--ckpt-every`` steps and on Ctrl-C; returns 130 after a Ctrl-C stop). All return ``None``
+    when the loop goes on.
+    """
+
+    def __init__(self, args: argparse.Namespace, d: Dist, settings: dict[str, Any],
+                 modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.args, self.settings, self.modules, self.optimizers = args, settings, modules, optimizers
+        self.out = Path(args.out)
+        self.log = MetricsLog(self.out, enabled=True)
+        self.stop = StopFlag(d)
+        self.last_good: int | None = None
+
+    def resume(self) -> int:
+        """The step to continue after: 0 for a new run, else the checkpoint's (state restored)."""
+        if not self.args.resume:
+            return 0
+        ckpt = read_checkpoint(self.out / CHECKPOINT_NAME)
+        for name, m in self.modules.items():
+            m.load_state_dict(ckpt["modules"][name])
+        for name, o in self.optimizers.items():
+            o.load_state_dict(ckpt["optimizers"][name])
+            for group in o.param_groups:  # a changed --lr applies from here on
+                group["lr"] = self.args.lr
+        self.log.load_state(ckpt["metrics"])
+        set_rng_state(ckpt["rng"])
+        self.last_good = ckpt["step"]
+        print(f"resumed {self.out / CHECKPOINT_NAME} at step {ckpt['step']}", file=sys.stderr)
+        return ckpt["step"]
+
+    def save(self, step: int) -> None:
+        """Write ``metrics.*`` and ``checkpoint.pt`` (atomically) for ``step``."""
+        self.log.write()
+        save_checkpoint(self.out, {"step": step, "args": vars(self.args), "settings": self.settings,
+                                   "metrics": self.log.state(), "rng": rng_state(),
+                                   "modules": {n: m.state_dict() for n, m in self.modules.items()},
+                                   "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}})
+        self.last_good = step
+
+    def guard(self, row: Mapping[str, Any], step: int) -> int | None:
+        bad = nonfinite_entries(row)
+        if not bad:
+            return None
+        print(nonfinite_loss_message(bad, step, self.out, self.last_good, getattr(self.args, "lr", None)),
+              file=sys.stderr)
+        return NONFINITE_EXIT
+
+    def end_step(self, step: int) -> int | None:
+        stopping = self.stop.should_stop()
+        if every(step, self.args.ckpt_every, self.args.steps) or stopping:
+            self.save(step)
+        if stopping:
+            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
+            return 130
+        return None
+
+    def finish(self, final: dict[str, Any]) -> None:
+        """Record end-of-run metrics in ``metrics.json``; restore the Ctrl-C handler."""
+        self.stop.restore()
+        self.log.final.update(final)
+        self.log.write()
