@@ -2,6 +2,8 @@
 
 Each page is backed by the results files its numbers are generated from (``BACKING``):
 
+* ``README.md``: ``benchmarks/results/`` and ``docs/results/`` (its main-job numbers are checked
+  more strictly against the fresh-clone run in ``tests/test_readme_numbers.py``);
 * ``benchmarks/README.md``: ``benchmarks/results/`` (JSON written by ``benchmarks/run.py`` and
   ``benchmarks/bench_allocator.py``, and the Markdown tables those scripts write beside them);
 * ``docs/RESULTS.md``: ``docs/results/`` (the Table 1 study's ``results_<preset>.jsonl``,
@@ -31,6 +33,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 BACKING: dict[str, list[str]] = {
+    "README.md": ["benchmarks/results", "docs/results"],
     "benchmarks/README.md": ["benchmarks/results"],
     "docs/RESULTS.md": ["docs/results"],
 }
