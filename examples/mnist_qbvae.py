@@ -141,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         z = torch.randn(args.grid_columns, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
         grid = torch.sigmoid(decode_all_manifolds(q, z.to(dev))).cpu()       # rows = decoders
         q.train()
-        labels = [f"{i}: {int(c)} {float(rep.histogram[i].max()) / float(rep.histogram[i].sum()):.0%}"
-                  for i, c in enumerate(rep.majority)]
         save_manifold_grid(grid, out / f"samples_step{step}.png", value_range=(0.0, 1.0), scale=2,
-                           row_labels=labels)
+                           row_labels=rep.row_labels())
         return rep
 
     run = C.FlatRun(args, d, {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta},

@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         z = torch.randn(10, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345)).to(dev)
         grid = torch.stack([g(z, manifold=i).cpu() for i in range(a)])       # Fig. 3: rows = manifolds
         g.train()
-        labels = [f"{i}: {int(c)} {float(rep.histogram[i].max()) / float(rep.histogram[i].sum()):.0%}"
-                  for i, c in enumerate(rep.majority)]
-        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=labels)
+        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=rep.row_labels())
         return rep
 
     run = C.FlatRun(args, d, {"model": "qwgan" if a > 1 else "wgan"},     # save / --resume / Ctrl-C

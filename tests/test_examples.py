@@ -89,8 +89,11 @@ def test_mnist_qwgan_baselines_smoke(tmp_path: Path, model: str, rows: int) -> N
     out = tmp_path / model
     run_example(STUDY_GAN, "--smoke", "--steps", "2", "--fid-samples", "50", "--no-progress",
                 "--model", model, "--out", str(out), cwd=tmp_path)
-    assert grid_shape(out / "samples_step2.png") == (rows, 10)
-    assert math.isfinite(load_metrics(out)["final"]["mnist_fid"])
+    with Image.open(out / "samples_step2.png") as img:  # rows x 10 shared latents, plus the row-label margin
+        assert img.size[1] == rows * TILE + 2 and img.size[0] > 10 * TILE + 2
+    final = load_metrics(out)["final"]
+    assert math.isfinite(final["mnist_fid"])
+    assert len(final["report"]["majority"]) == rows  # the manifold-class report, one row per manifold
 
 
 @pytest.mark.slow

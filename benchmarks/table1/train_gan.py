@@ -55,10 +55,13 @@ from qmm_plugin.paper.gan_families import (
     NUM_MANIFOLDS,
     InfoFamily,
     eval_sampler,
+    family_report,
     make_family,
     manifold_grid,
     spread_metrics,
 )
+from qmm_plugin.paper.manifold_classes import ManifoldClassReport
+from qmm_plugin.paper.metrics import load_mnist_classifier
 from qmm_plugin.paper.viz import save_manifold_grid
 
 
@@ -151,14 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         row["loss_g"] = loss_g.item()
         return row
 
-    def on_sample(step: int) -> dict[str, float]:
+    test_x, test_y = load_mnist(args.data_dir, "test")
+    real_test = to_model_range(test_x).reshape(-1, 1, 28, 28)
+    classifier = load_mnist_classifier().to(d.device)
+    reports: list[ManifoldClassReport] = []
+
+    def on_sample(step: int) -> dict[str, Any]:
+        """Labelled grid and manifold-class report (rows: manifolds, generators or categories)."""
+        reports.append(family_report(fam, classifier, 10 if args.smoke else 100, d.device, args.seed + step,
+                                     real_test, test_y))
         grid = manifold_grid(fam, args.grid_columns, d.device, seed=args.seed + 12345)
-        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2)
-        return spread_metrics(fam)
+        save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=reports[-1].row_labels())
+        summary = reports[-1].summary()
+        return {**spread_metrics(fam), **{f"report/{k}": v for k, v in summary.items() if not isinstance(v, list)}}
 
     code = run.run(train_step, on_sample, args.model)
     if code == 0 and d.is_main and args.fid_samples > 0:
-        test, _ = load_mnist(args.data_dir, "test")
+        test = test_x
         fam.generator.eval()
         fid = C.mnist_fid(eval_sampler(fam, d.device, args.seed + 777), args.fid_samples, test)
         fam.generator.train()
@@ -166,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         train_ref = images[pick[:min(args.fid_samples, images.shape[0])]]
         fid_ref = C.mnist_fid(train_ref, train_ref.shape[0], test)
         spread = {k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")}
-        run.finish({"mnist_fid": fid, "mnist_fid_samples": args.fid_samples, "mnist_fid_test_images": test.shape[0],
+        run.finish({"report": reports[-1].summary() if reports else None,
+                    "mnist_fid": fid, "mnist_fid_samples": args.fid_samples, "mnist_fid_test_images": test.shape[0],
                     "mnist_fid_real_train_vs_test": fid_ref, "steps": args.steps, "model": args.model, **spread})
         print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
               f"{test.shape[0]} test digits; {train_ref.shape[0]} real training digits score {fid_ref:.2f}); "

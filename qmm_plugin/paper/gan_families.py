@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import qmm_plugin
 
+from .manifold_classes import ManifoldClassReport, sample_manifold_class_report
 from .models import InfoGANDiscriminator, InfoGANGenerator, MADGANLike, MNISTCritic, MNISTGenerator, MultiGenerator
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "InfoFamily",
     "make_family",
     "manifold_grid",
+    "family_report",
     "eval_sampler",
     "spread_metrics",
 ]
@@ -185,6 +187,26 @@ def make_family(model: str, lam: float | None, critic_bn: bool = False) -> Famil
     if model == "infogan":
         return InfoFamily()
     raise ValueError(f"unknown --model {model!r}; choose one of {MODELS}")
+
+
+@torch.no_grad()
+def family_report(fam: Family, classifier: nn.Module, per_manifold: int, device: torch.device, seed: int,
+                  real_images: Tensor, real_labels: Tensor) -> ManifoldClassReport:
+    """The manifold-class report (:mod:`qmm_plugin.paper.manifold_classes`) of any family: rows are
+    its manifolds, generators or categories; ``per_manifold`` samples each, eval mode, private RNG."""
+    g = fam.generator
+    was_training = g.training
+    g.eval()
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(row: int, n: int) -> Tensor:
+        args, kwargs = fam.latents(n, device, gen, row=row)
+        return g(*args, **kwargs)
+
+    rep = sample_manifold_class_report(sample, classifier, fam.num_rows, per_manifold, real_images=real_images,
+                                       real_labels=real_labels)
+    g.train(was_training)
+    return rep
 
 
 @torch.no_grad()

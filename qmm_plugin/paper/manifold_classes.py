@@ -96,6 +96,11 @@ class ManifoldClassReport:
         """``(A,)`` majority class of each manifold."""
         return self.histogram.argmax(1)
 
+    def row_labels(self) -> list[str]:
+        """One grid-row label per manifold: ``"i: majority share"``, e.g. ``"3: 7 84%"``."""
+        return [f"{i}: {int(row.argmax())} {float(row.max()) / max(1, int(row.sum())):.0%}"
+                for i, row in enumerate(self.histogram)]
+
     def summary(self) -> dict[str, Any]:
         """Scalars and per-manifold lists, JSON-ready."""
         out: dict[str, Any] = {
