@@ -54,34 +54,6 @@ PRESETS = {
 Z_DIM = 8
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="ours", help="training recipe (default: ours)")
-    p.add_argument("--num-biases", type=int, default=10, help="A, the number of manifolds (default: 10)")
-    p.add_argument("--lam", type=float, default=0.05, help="λ of the λ·R_BA term, Eq. 2 (default: 0.05)")
-    p.add_argument("--info", type=float, default=None, help="weight of the manifold-recovery term (preset's)")
-    p.add_argument("--loss", choices=("hinge", "wasserstein"), default=None, help="GAN loss (preset's)")
-    p.add_argument("--beta1", type=float, default=None, help="Adam β1 of G and D (preset's)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default: 2e-4)")
-    p.add_argument("--report-samples", type=int, default=100, help="samples per manifold for the report")
-    C.add_common_args(p, out="runs/mnist_qwgan", steps=2000, batch_size=32, sample_every=500,
-                      ckpt_every=250, fid_samples=2000)
-    args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    given = C.explicit_flags(p, argv)
-    if args.smoke:  # never overrides a flag given on the command line
-        given |= C.apply_smoke(args, given, {"steps": 4, "batch_size": 20, "fid_samples": 200, "ckpt_every": 2,
-                                             "log_every": 1, "report_samples": 10, "sample_every": lambda a: a.steps})
-    C.resume_settings(args, given)  # --resume: the checkpoint's flags, unless one given can change
-    C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "num_biases",
-                     "report_samples")
-    if args.info > 0 and args.num_biases < 2:
-        p.error("--info needs --num-biases >= 2 (there is no manifold index to recover); pass --info 0")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     d = C.setup_runtime(args)
@@ -191,6 +163,34 @@ def main(argv: list[str] | None = None) -> int:
           f"majority classes, {rep.confident:.0%} confident"
           + (f", MNIST-FID {final['mnist_fid']:.2f}" if "mnist_fid" in final else "") + f"; outputs in {out}/")
     return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="ours", help="training recipe (default: ours)")
+    p.add_argument("--num-biases", type=int, default=10, help="A, the number of manifolds (default: 10)")
+    p.add_argument("--lam", type=float, default=0.05, help="λ of the λ·R_BA term, Eq. 2 (default: 0.05)")
+    p.add_argument("--info", type=float, default=None, help="weight of the manifold-recovery term (preset's)")
+    p.add_argument("--loss", choices=("hinge", "wasserstein"), default=None, help="GAN loss (preset's)")
+    p.add_argument("--beta1", type=float, default=None, help="Adam β1 of G and D (preset's)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default: 2e-4)")
+    p.add_argument("--report-samples", type=int, default=100, help="samples per manifold for the report")
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=2000, batch_size=32, sample_every=500,
+                      ckpt_every=250, fid_samples=2000)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    given = C.explicit_flags(p, argv)
+    if args.smoke:  # never overrides a flag given on the command line
+        given |= C.apply_smoke(args, given, {"steps": 4, "batch_size": 20, "fid_samples": 200, "ckpt_every": 2,
+                                             "log_every": 1, "report_samples": 10, "sample_every": lambda a: a.steps})
+    C.resume_settings(args, given)  # --resume: the checkpoint's flags, unless one given can change
+    C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "num_biases",
+                     "report_samples")
+    if args.info > 0 and args.num_biases < 2:
+        p.error("--info needs --num-biases >= 2 (there is no manifold index to recover); pass --info 0")
+    return args
 
 
 if __name__ == "__main__":
