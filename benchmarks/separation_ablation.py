@@ -37,14 +37,9 @@ from torch import Tensor, nn
 import qmm_plugin
 from qmm_plugin.paper.manifold_classes import sample_manifold_class_report
 
-try:  # the paper kit's location moves with the package layout
-    from qmm_plugin.paper.data import load_mnist, to_model_range
-    from qmm_plugin.paper.metrics import load_mnist_classifier
-    from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator
-except ImportError:  # pragma: no cover
-    from qmm_plugin.data import load_mnist, to_model_range
-    from qmm_plugin.metrics import load_mnist_classifier
-    from qmm_plugin.models import MNISTCritic, MNISTGenerator
+from qmm_plugin.paper.data import load_mnist, to_model_range
+from qmm_plugin.paper.metrics import load_mnist_classifier
+from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator
 
 A = 10
 

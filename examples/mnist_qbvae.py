@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         row["sec_per_step"] = (time.perf_counter() - t0) / (step - start)
         if C.every(step, args.sample_every, args.steps):
             rep = report(step)
-            row.update({f"report/{k}": v for k, v in rep.summary().items() if not isinstance(v, list)})
+            row.update(rep.scalars())
             if a > 1:
                 row.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
             bar.write(f"step {step}: " + rep.format().splitlines()[-1])

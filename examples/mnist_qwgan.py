@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if C.every(step, args.sample_every, args.steps):
             rep = report(step)
-            row.update({f"report/{k}": v for k, v in rep.summary().items() if not isinstance(v, list)})
+            row.update(rep.scalars())
             bar.write(f"step {step}: " + rep.format().splitlines()[-1])
         if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
             run.log.log(row)

@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                      real_test, test_y))
         grid = manifold_grid(fam, args.grid_columns, d.device, seed=args.seed + 12345)
         save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=reports[-1].row_labels())
-        summary = reports[-1].summary()
-        return {**spread_metrics(fam), **{f"report/{k}": v for k, v in summary.items() if not isinstance(v, list)}}
+        return {**spread_metrics(fam), **reports[-1].scalars()}
 
     code = run.run(train_step, on_sample, args.model)
     if code == 0 and d.is_main and args.fid_samples > 0:

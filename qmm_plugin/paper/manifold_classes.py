@@ -117,6 +117,10 @@ class ManifoldClassReport:
             out["diversity_per_manifold"] = [round(float(d), 4) for d in self.diversity]
         return out
 
+    def scalars(self, prefix: str = "report/") -> dict[str, float | int]:
+        """The scalar entries of :meth:`summary`, keys prefixed (one row of a metrics log)."""
+        return {prefix + k: v for k, v in self.summary().items() if not isinstance(v, list)}
+
     def format(self) -> str:
         """A plain-text table: one line per manifold, then the scalars."""
         lines = ["manifold  majority  share  " + " ".join(f"{k:>4d}" for k in range(self.histogram.shape[1]))]
