@@ -148,30 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     run = C.FlatRun(args, d, {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta},
                     {"decoder": q, "encoder": encoder}, {"adam": opt})           # save / --resume / Ctrl-C
     start = run.resume()
+    t0 = time.perf_counter()
+    for step in run.steps(start, args.model):  # progress bar, checkpoints; Ctrl-C: save, exit
+        row = {"step": step, **train_step(step), "sec_per_step": (time.perf_counter() - t0) / (step - start)}
+        if a > 1 and C.every(step, args.sample_every, args.steps):
+            row.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
+        run.record(row, step, report, postfix=("loss", "gamma_max_mean"))  # log + report; NaN/inf: exit, no save
 
-    bar = C.progress(args.steps, start, d, args.no_progress, args.model)
-    rep, t0 = None, time.perf_counter()
-    for step in range(start + 1, args.steps + 1):
-        row: dict[str, float | int] = {"step": step, **train_step(step)}
-        bar.update(1)
-        if (code := run.guard(row, step)) is not None:  # NaN/inf: the last good checkpoint stays
-            return code
-        row["sec_per_step"] = (time.perf_counter() - t0) / (step - start)
-        if C.every(step, args.sample_every, args.steps):
-            rep = report(step)
-            row.update(rep.scalars())
-            if a > 1:
-                row.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
-            bar.write(f"step {step}: " + rep.format().splitlines()[-1])
-        if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
-            run.log.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", gamma_max=f"{row['gamma_max_mean']:.2f}")
-        if (code := run.end_step(step)) is not None:  # Ctrl-C: checkpoint written, exit
-            return code
-    bar.close()
-
-    rep = report(args.steps) if rep is None else rep  # a resumed, finished run is evaluated again
-    final = {"steps": args.steps, "model": args.model, "report": rep.summary()}
+    final: dict[str, object] = {"steps": args.steps, "model": args.model}
     if a > 1:
         final.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
     if args.fid_samples > 0:
@@ -182,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                              torch.randint(0, a, (k,), generator=gen).to(dev)), args.fid_samples, test_x)
         final["mnist_fid_samples"] = args.fid_samples
         q.train()
-    run.finish(final)
-    print(rep.format())
-    print(f"{args.model}, step {args.steps}: NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct majority "
-          f"classes, {rep.confident:.0%} confident"
-          + (f", MNIST-FID {final['mnist_fid']:.2f}" if "mnist_fid" in final else "") + f"; outputs in {out}/")
-    return 0
+    return run.finish(final, report, args.model)  # final report, metrics.json, summary
 
 
 if __name__ == "__main__":

@@ -131,38 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     run = C.FlatRun(args, d, {"model": "qwgan" if a > 1 else "wgan"},     # save / --resume / Ctrl-C
                     {"generator": g, "critic": critic, "recover": recover}, {"generator": opt_g, "critic": opt_d})
     start = run.resume()
-    bar = C.progress(args.steps, start, d, args.no_progress, f"Q-WGAN ({args.preset})")
-    rep = None
-    for step in range(start + 1, args.steps + 1):
-        row: dict[str, float | int] = {"step": step, **train_step(step)}
-        bar.update(1)
-        if (code := run.guard(row, step)) is not None:  # NaN/inf: the last good checkpoint stays
-            return code
-        if C.every(step, args.sample_every, args.steps):
-            rep = report(step)
-            row.update(rep.scalars())
-            bar.write(f"step {step}: " + rep.format().splitlines()[-1])
-        if C.every(step, args.log_every, args.steps) or "report/nmi" in row:
-            run.log.log(row)
-            bar.set_postfix(loss_d=f"{row['loss_d']:.3g}", loss_g=f"{row['loss_g']:.3g}")
-        if (code := run.end_step(step)) is not None:  # Ctrl-C: checkpoint written, exit
-            return code
-    bar.close()
+    for step in run.steps(start, f"Q-WGAN ({args.preset})"):  # progress bar, checkpoints; Ctrl-C: save, exit
+        row = {"step": step, **train_step(step)}
+        run.record(row, step, report, postfix=("loss_d", "loss_g"))  # log + report; NaN/inf: exit, no save
 
-    rep = report(args.steps) if rep is None else rep  # a resumed, finished run is evaluated again
-    final = {"steps": args.steps, "preset": args.preset, "report": rep.summary()}
+    final: dict[str, object] = {"steps": args.steps, "preset": args.preset}
     if args.fid_samples > 0:
         gen = torch.Generator().manual_seed(args.seed + 777)
         g.eval()
         final["mnist_fid"] = C.mnist_fid(lambda k: g(torch.randn(k, Z_DIM, generator=gen).to(dev)),
                                          args.fid_samples, test_x)
         g.train()
-    run.finish(final)
-    print(rep.format())
-    print(f"Q-WGAN ({args.preset}), step {args.steps}: NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct "
-          f"majority classes, {rep.confident:.0%} confident"
-          + (f", MNIST-FID {final['mnist_fid']:.2f}" if "mnist_fid" in final else "") + f"; outputs in {out}/")
-    return 0
+    return run.finish(final, report, f"Q-WGAN ({args.preset})")  # final report, metrics.json, summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

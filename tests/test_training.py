@@ -298,3 +298,50 @@ def test_flat_run_saves_resumes_and_guards(tmp_path: Path, capsys: pytest.Captur
     assert opt2.param_groups[0]["lr"] == 5e-4                   # a changed --lr applies on resume
     assert again.log.rows[-1]["loss"] == 0.5
     again.stop.restore()
+
+
+def test_flat_run_loop_reports_logs_and_stops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``steps`` + ``record`` + ``finish``: a report every --sample-every steps and at the last, rows
+    logged, checkpoints when due; Ctrl-C saves and exits 130; a NaN row exits 3 without saving."""
+    from types import SimpleNamespace
+
+    from qmm_plugin.paper.training import INTERRUPTED_EXIT, NONFINITE_EXIT, Dist, FlatRun
+
+    def make(steps: int) -> FlatRun:
+        args = argparse.Namespace(out=str(tmp_path), resume=False, lr=1e-3, steps=steps, ckpt_every=4,
+                                  sample_every=3, log_every=2, no_progress=True)
+        return FlatRun(args, Dist(0, 1, torch.device("cpu")), {"model": "t"}, {"m": nn.Linear(2, 2)}, {})
+
+    reported: list[int] = []
+
+    def report(step: int) -> SimpleNamespace:
+        reported.append(step)
+        return SimpleNamespace(scalars=lambda: {"report/nmi": step / 10}, headline=lambda: f"NMI {step / 10}",
+                               summary=lambda: {"nmi": step / 10}, format=lambda: "TABLE", nmi=step / 10,
+                               distinct_majorities=7, confident=0.5)
+
+    run = make(steps=5)
+    for step in run.steps(0, "toy"):
+        run.record({"step": step, "loss": 1.0}, step, report)  # type: ignore[arg-type]
+    assert reported == [3, 5]
+    assert [r["step"] for r in run.log.rows] == [2, 3, 4, 5]               # --log-every 2, and each report
+    assert run.log.rows[1]["report/nmi"] == 0.3 and "step 3: NMI 0.3" in capsys.readouterr().out
+    assert run.last_good == 5                                                # the last step is saved
+    assert run.finish({"mnist_fid": 12.5}, report, "toy") == 0               # type: ignore[arg-type]
+    assert reported == [3, 5] and run.log.final == {"mnist_fid": 12.5, "report": {"nmi": 0.5}}
+    assert "toy, step 5: NMI 0.500, 7 distinct majority classes, 50% confident, MNIST-FID 12.50" in \
+        capsys.readouterr().out
+
+    run = make(steps=8)
+    with pytest.raises(SystemExit) as stop:
+        for step in run.steps(0, "toy"):
+            if step == 2:
+                run.stop.requested = True                                    # as Ctrl-C does
+    assert stop.value.code == INTERRUPTED_EXIT == 130 and run.last_good == 2
+
+    run = make(steps=8)
+    with pytest.raises(SystemExit) as stop:
+        for step in run.steps(0, "toy"):
+            run.record({"step": step, "loss": float("nan") if step == 5 else 1.0}, step)
+    assert stop.value.code == NONFINITE_EXIT and run.last_good == 4         # step 5 wrote nothing
+    assert "not finite" in capsys.readouterr().err

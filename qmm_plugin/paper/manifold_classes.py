@@ -128,12 +128,15 @@ class ManifoldClassReport:
             n = int(row.sum())
             share = float(row.max()) / n if n else float("nan")
             lines.append(f"{i:>8d}  {int(row.argmax()):>8d}  {share:5.2f}  " + " ".join(f"{int(c):>4d}" for c in row))
+        return "\n".join([*lines, self.headline()])
+
+    def headline(self) -> str:
+        """The scalars on one line (the last line of :meth:`format`)."""
         s = self.summary()
-        lines.append(f"NMI {s['nmi']:.3f} | purity {s['purity']:.3f} | distinct majority classes "
-                     f"{s['distinct_majorities']} | confident (p>0.9) {s['confident']:.3f} | smallest class "
-                     f"share {s['min_class_share']:.3f}"
-                     + (f" | within-manifold diversity {s['diversity']:.3f}" if "diversity" in s else ""))
-        return "\n".join(lines)
+        return (f"NMI {s['nmi']:.3f} | purity {s['purity']:.3f} | distinct majority classes "
+                f"{s['distinct_majorities']} | confident (p>0.9) {s['confident']:.3f} | smallest class "
+                f"share {s['min_class_share']:.3f}"
+                + (f" | within-manifold diversity {s['diversity']:.3f}" if "diversity" in s else ""))
 
 
 def manifold_class_report(manifold: Tensor, probs: Tensor, num_manifolds: int, *,

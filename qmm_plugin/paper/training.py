@@ -41,11 +41,11 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,9 @@ from torch import Tensor, nn
 
 from qmm_plugin._checks import check_finite_state
 from qmm_plugin.io import atomic_torch_save, atomic_write_text, remove_stale_temp_files
+
+if TYPE_CHECKING:
+    from qmm_plugin.paper.manifold_classes import ManifoldClassReport
 
 __all__ = [
     "add_common_args",
@@ -89,11 +92,14 @@ __all__ = [
     "nonfinite_entries",
     "nonfinite_loss_message",
     "NONFINITE_EXIT",
+    "INTERRUPTED_EXIT",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-#: Exit status of a run stopped by a NaN/inf loss (0: finished, 130: stopped by Ctrl-C).
+#: Exit status of a run stopped by a NaN/inf loss (0: finished, :data:`INTERRUPTED_EXIT`: stopped by Ctrl-C).
 NONFINITE_EXIT = 3
+#: Exit status of a run stopped by Ctrl-C after writing its checkpoint.
+INTERRUPTED_EXIT = 130
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -785,15 +791,20 @@ def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
 
 # ------------------------------------------------------------------------- flat example runs
 class FlatRun:
-    """Save, resume and stop for an example whose loop is written out in the script.
+    """Save, resume and stop for an example whose loop is written out in the script::
+
+        start = run.resume()                       # --resume: state from OUT/checkpoint.pt, else 0
+        for step in run.steps(start, "name"):      # progress bar, checkpoints; Ctrl-C: save, exit 130
+            row = {"step": step, **train_step(step)}
+            run.record(row, step, report)          # log; NaN/inf: exit 3, the last good checkpoint kept
+        run.finish({"mnist_fid": ...}, report, "name")
 
     The script keeps its loop; this keeps the bookkeeping every such loop needs the same way:
-    ``start = run.resume()`` (``--resume``: modules, optimisers, metrics and RNG from
-    ``OUT/checkpoint.pt``; a changed ``--lr`` applies from there), ``run.guard(row, step)`` right
-    after a training step (NaN/inf loss: stop before any checkpoint overwrites the last good one,
-    return :data:`NONFINITE_EXIT`), and ``run.end_step(step)`` last in the loop (checkpoint every
-    ``--ckpt-every`` steps and on Ctrl-C; returns 130 after a Ctrl-C stop). All return ``None``
-    when the loop goes on.
+    :meth:`resume` restores modules, optimisers, metrics and RNG (a changed ``--lr`` applies from
+    there); :meth:`steps` checkpoints every ``--ckpt-every`` steps, at the last step and on Ctrl-C;
+    :meth:`record` logs rows and takes the manifold-class report; :meth:`finish` writes the final
+    metrics and prints the report. A stop exits through :class:`SystemExit` with
+    :data:`INTERRUPTED_EXIT` (Ctrl-C, after its checkpoint) or :data:`NONFINITE_EXIT`.
     """
 
     def __init__(self, args: argparse.Namespace, d: Dist, settings: dict[str, Any],
@@ -802,7 +813,10 @@ class FlatRun:
         self.out = Path(args.out)
         self.log = MetricsLog(self.out, enabled=True)
         self.stop = StopFlag(d)
+        self.d = d
         self.last_good: int | None = None
+        self.bar: Any = None
+        self.report: ManifoldClassReport | None = None
 
     def resume(self) -> int:
         """The step to continue after: 0 for a new run, else the checkpoint's (state restored)."""
@@ -830,7 +844,50 @@ class FlatRun:
                                    "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}})
         self.last_good = step
 
+    def steps(self, start: int, desc: str) -> Iterator[int]:
+        """Steps ``start + 1 .. --steps`` under a progress bar (``--no-progress``: none). After each
+        step's body: a checkpoint every ``--ckpt-every`` steps and at the last; after a Ctrl-C, a
+        checkpoint, then ``SystemExit(INTERRUPTED_EXIT)``."""
+        self.bar = progress(self.args.steps, start, self.d, self.args.no_progress, desc)
+        try:
+            for step in range(start + 1, self.args.steps + 1):
+                yield step
+                self.bar.update(1)
+                if (code := self.end_step(step)) is not None:
+                    self.stop.restore()
+                    raise SystemExit(code)
+        finally:
+            self.bar.close()
+
+    def record(self, row: dict[str, Any], step: int,
+               report: Callable[[int], ManifoldClassReport] | None = None, postfix: Sequence[str] = ()) -> None:
+        """After a step's training: a non-finite entry in ``row`` stops the run before any checkpoint
+        overwrites the last good one (message, ``SystemExit(NONFINITE_EXIT)``). Else, every
+        ``--sample-every`` steps and at the last, ``report(step)`` is taken (kept as :attr:`report`),
+        its scalars join the row and its headline is printed; the row is logged every ``--log-every``
+        steps and with every report, and its ``postfix`` entries show on the progress bar."""
+        if (code := self.guard(row, step)) is not None:
+            self.stop.restore()
+            raise SystemExit(code)
+        reported = report is not None and every(step, self.args.sample_every, self.args.steps)
+        if reported:
+            self.report = report(step)
+            row.update(self.report.scalars())
+            self.write(f"step {step}: {self.report.headline()}")
+        if reported or every(step, self.args.log_every, self.args.steps):
+            self.log.log(row)
+            if self.bar is not None and postfix:
+                self.bar.set_postfix({k: f"{row[k]:.4g}" for k in postfix})
+
+    def write(self, text: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text)
+
     def guard(self, row: Mapping[str, Any], step: int) -> int | None:
+        """:data:`NONFINITE_EXIT` (and the message) when ``row`` holds a NaN/inf, else ``None``."""
         bad = nonfinite_entries(row)
         if not bad:
             return None
@@ -839,16 +896,32 @@ class FlatRun:
         return NONFINITE_EXIT
 
     def end_step(self, step: int) -> int | None:
+        """Checkpoint when due or after a Ctrl-C; :data:`INTERRUPTED_EXIT` after a Ctrl-C, else ``None``."""
         stopping = self.stop.should_stop()
         if every(step, self.args.ckpt_every, self.args.steps) or stopping:
             self.save(step)
         if stopping:
             print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
-            return 130
+            return INTERRUPTED_EXIT
         return None
 
-    def finish(self, final: dict[str, Any]) -> None:
-        """Record end-of-run metrics in ``metrics.json``; restore the Ctrl-C handler."""
+    def finish(self, final: dict[str, Any], report: Callable[[int], ManifoldClassReport] | None = None,
+               title: str = "run") -> int:
+        """End of run: the last report of the loop (or ``report(--steps)`` for a resumed, finished
+        run) joins ``final`` as ``final["report"]``; ``final`` goes to ``metrics.json``; the report's
+        table and a one-line summary are printed. Restores the Ctrl-C handler; returns 0."""
         self.stop.restore()
+        rep = self.report if self.report is not None or report is None else report(self.args.steps)
+        if rep is not None:
+            final = {**final, "report": rep.summary()}
         self.log.final.update(final)
         self.log.write()
+        line = f"{title}, step {self.args.steps}"
+        if rep is not None:
+            print(rep.format())
+            line += (f": NMI {rep.nmi:.3f}, {rep.distinct_majorities} distinct majority classes, "
+                     f"{rep.confident:.0%} confident")
+        if "mnist_fid" in final:
+            line += f", MNIST-FID {final['mnist_fid']:.2f}"
+        print(f"{line}; outputs in {self.out}/")
+        return 0
