@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -148,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     run = C.FlatRun(args, d, {"model": args.model, "num_biases": a, "lam": lam, "beta": args.beta},
                     {"decoder": q, "encoder": encoder}, {"adam": opt})           # save / --resume / Ctrl-C
     start = run.resume()
-    t0 = time.perf_counter()
     for step in run.steps(start, args.model):  # progress bar, checkpoints; Ctrl-C: save, exit
-        row = {"step": step, **train_step(step), "sec_per_step": (time.perf_counter() - t0) / (step - start)}
+        row = {"step": step, **train_step(step)}
         if a > 1 and C.every(step, args.sample_every, args.steps):
             row.update({f"tangential_spread/{p}": v for p, v in q.tangential_spread().items()})
         run.record(row, step, report, postfix=("loss", "gamma_max_mean"))  # log + report; NaN/inf: exit, no save

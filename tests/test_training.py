@@ -326,6 +326,7 @@ def test_flat_run_loop_reports_logs_and_stops(tmp_path: Path, capsys: pytest.Cap
     assert reported == [3, 5]
     assert [r["step"] for r in run.log.rows] == [2, 3, 4, 5]               # --log-every 2, and each report
     assert run.log.rows[1]["report/nmi"] == 0.3 and "step 3: NMI 0.3" in capsys.readouterr().out
+    assert all(r["sec_per_step"] > 0 for r in run.log.rows)                # timing rides along
     assert run.last_good == 5                                                # the last step is saved
     assert run.finish({"mnist_fid": 12.5}, report, "toy") == 0               # type: ignore[arg-type]
     assert reported == [3, 5] and run.log.final == {"mnist_fid": 12.5, "report": {"nmi": 0.5}}

@@ -817,6 +817,7 @@ class FlatRun:
         self.last_good: int | None = None
         self.bar: Any = None
         self.report: ManifoldClassReport | None = None
+        self._clock: tuple[int, float] | None = None
 
     def resume(self) -> int:
         """The step to continue after: 0 for a new run, else the checkpoint's (state restored)."""
@@ -849,6 +850,7 @@ class FlatRun:
         step's body: a checkpoint every ``--ckpt-every`` steps and at the last; after a Ctrl-C, a
         checkpoint, then ``SystemExit(INTERRUPTED_EXIT)``."""
         self.bar = progress(self.args.steps, start, self.d, self.args.no_progress, desc)
+        self._clock = (start, time.perf_counter())
         try:
             for step in range(start + 1, self.args.steps + 1):
                 yield step
@@ -864,11 +866,14 @@ class FlatRun:
         """After a step's training: a non-finite entry in ``row`` stops the run before any checkpoint
         overwrites the last good one (message, ``SystemExit(NONFINITE_EXIT)``). Else, every
         ``--sample-every`` steps and at the last, ``report(step)`` is taken (kept as :attr:`report`),
-        its scalars join the row and its headline is printed; the row is logged every ``--log-every``
-        steps and with every report, and its ``postfix`` entries show on the progress bar."""
+        its scalars join the row and its headline is printed; the row (with ``sec_per_step``, the
+        mean seconds per step of this process's loop so far) is logged every ``--log-every`` steps and
+        with every report, and its ``postfix`` entries show on the progress bar."""
         if (code := self.guard(row, step)) is not None:
             self.stop.restore()
             raise SystemExit(code)
+        if self._clock is not None:  # training seconds per step since this process started the loop
+            row["sec_per_step"] = (time.perf_counter() - self._clock[1]) / max(step - self._clock[0], 1)
         reported = report is not None and every(step, self.args.sample_every, self.args.steps)
         if reported:
             self.report = report(step)
