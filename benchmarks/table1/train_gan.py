@@ -168,21 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         return {**spread_metrics(fam), **reports[-1].scalars()}
 
     code = run.run(train_step, on_sample, args.model)
-    if code == 0 and d.is_main and args.fid_samples > 0:
-        test = test_x
-        fam.generator.eval()
-        fid = C.mnist_fid(eval_sampler(fam, d.device, args.seed + 777), args.fid_samples, test)
-        fam.generator.train()
-        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
-        train_ref = images[pick[:min(args.fid_samples, images.shape[0])]]
-        fid_ref = C.mnist_fid(train_ref, train_ref.shape[0], test)
-        spread = {k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")}
-        run.finish({"report": reports[-1].summary() if reports else None,
-                    "mnist_fid": fid, "mnist_fid_samples": args.fid_samples, "mnist_fid_test_images": test.shape[0],
-                    "mnist_fid_real_train_vs_test": fid_ref, "steps": args.steps, "model": args.model, **spread})
-        print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
-              f"{test.shape[0]} test digits; {train_ref.shape[0]} real training digits score {fid_ref:.2f}); "
-              f"outputs in {out}/")
+    if code == 0 and d.is_main:  # final entry also with --fid-samples 0 (report and steps, no FID)
+        final: dict[str, Any] = {"report": reports[-1].summary() if reports else None, "steps": args.steps,
+                                 "model": args.model,
+                                 **{k: v for k, v in run.log.rows[-1].items() if k.startswith("tangential_spread/")}}
+        if args.fid_samples > 0:
+            test = test_x
+            fam.generator.eval()
+            fid = C.mnist_fid(eval_sampler(fam, d.device, args.seed + 777), args.fid_samples, test)
+            fam.generator.train()
+            pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
+            train_ref = images[pick[:min(args.fid_samples, images.shape[0])]]
+            fid_ref = C.mnist_fid(train_ref, train_ref.shape[0], test)
+            final.update({"mnist_fid": fid, "mnist_fid_samples": args.fid_samples,
+                          "mnist_fid_test_images": test.shape[0], "mnist_fid_real_train_vs_test": fid_ref})
+            print(f"{args.model}: step {args.steps}, MNIST-FID {fid:.2f} ({args.fid_samples} samples vs "
+                  f"{test.shape[0]} test digits; {train_ref.shape[0]} real training digits score {fid_ref:.2f}); "
+                  f"outputs in {out}/")
+        else:
+            print(f"{args.model}: step {args.steps} (no MNIST-FID: --fid-samples 0); outputs in {out}/")
+        run.finish(final)
     C.cleanup_distributed()
     return code
 
