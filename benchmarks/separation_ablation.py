@@ -40,6 +40,7 @@ from qmm_plugin.paper.manifold_classes import sample_manifold_class_report
 from qmm_plugin.paper.data import load_mnist, to_model_range
 from qmm_plugin.paper.metrics import load_mnist_classifier
 from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator
+from qmm_plugin.paper.viz import save_line_plot
 
 A = 10
 
@@ -245,38 +246,14 @@ def _mean_sd(values: list[float]) -> str:
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str = "nmi") -> Path:
     """``metric`` against training steps, one polyline per cell (mean over seeds), as a PNG."""
-    from PIL import Image, ImageDraw
-
-    cells = sorted({r["cell"] for r in rows})
-    w, h, left, bottom, top = 760, 420, 50, 30, 10
-    img = Image.new("RGB", (w + 230, h), "white")
-    draw = ImageDraw.Draw(img)
-    max_step = max(r["step"] for r in rows)
-    ymax = 1.0
-
-    def xy(step: float, v: float) -> tuple[float, float]:
-        return left + (w - left - 10) * step / max_step, top + (h - top - bottom) * (1 - v / ymax)
-
-    for t in range(0, 11, 2):
-        y = xy(0, t / 10)[1]
-        draw.line([(left, y), (w - 10, y)], fill=(225, 225, 225))
-        draw.text((8, y - 6), f"{t / 10:.1f}", fill="black")
-    draw.text((left, h - bottom + 8), f"steps (0 to {max_step}); {metric}, mean over seeds", fill="black")
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-    for k, cell in enumerate(cells):
+    series: dict[str, list[tuple[float, float]]] = {}
+    for cell in sorted({r["cell"] for r in rows}):
         by_step: dict[int, list[float]] = {}
         for r in rows:
             if r["cell"] == cell:
                 by_step.setdefault(r["step"], []).append(r[metric])
-        pts = [xy(st, sum(v) / len(v)) for st, v in sorted(by_step.items())]
-        colour = palette[k % len(palette)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        draw.line([(w + 5, 20 + 16 * k), (w + 25, 20 + 16 * k)], fill=colour, width=3)
-        draw.text((w + 30, 14 + 16 * k), cell, fill="black")
-    img.save(path)
-    return path
+        series[cell] = [(st, sum(v) / len(v)) for st, v in sorted(by_step.items())]
+    return save_line_plot(series, path, "steps", f"{metric}, mean over seeds")
 
 
 def write_report(out: Path) -> Path:

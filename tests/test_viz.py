@@ -176,3 +176,29 @@ def test_manifold_grid_row_labels_add_a_text_margin(tmp_path) -> None:
     assert int(margin.max()) > 200  # text drawn (antialiased) on the black margin
     with pytest.raises(ValueError, match="one label per manifold"):
         save_manifold_grid(x, tmp_path / "bad.png", row_labels=["a"])
+
+
+# ------------------------------------------------------------------------------ save_line_plot
+
+
+def test_line_plot_draws_each_series_where_its_values_are(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from qmm_plugin.paper.viz import PALETTE, save_line_plot
+
+    series = {"flat": [(0.0, 0.5), (10.0, 0.5)], "rise": [(0.0, 0.0), (10.0, 1.0)], "dot": [(5.0, 0.25)]}
+    path = save_line_plot(series, tmp_path / "p.png", "steps", "NMI", hlines=[0.75])
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    assert img.size == (990, 420)
+    # plot area: x 50..750 for 0..10, y 390..10 for 0..1
+    assert img.getpixel((200, 200)) == PALETTE[0]          # "flat" at y = 0.5
+    assert img.getpixel((600, 320)) == (255, 255, 255)     # nothing below the lines on the right
+    assert img.getpixel((400, 105)) == (120, 120, 120)     # the threshold line at 0.75
+    assert img.getpixel((50 + 350, 390 - 95)) == PALETTE[2]  # the one-point series: a dot at (5, 0.25)
+    x_mid = 50 + 700 * 0.25                                  # "rise" passes (2.5, 0.25)
+    assert img.getpixel((round(x_mid), 295)) == PALETTE[1]
+    with pytest.raises(ValueError, match="at least one"):
+        save_line_plot({"empty": []}, tmp_path / "e.png", "x", "y")
+    with pytest.raises(ValueError, match="hi > lo"):
+        save_line_plot(series, tmp_path / "e.png", "x", "y", y_range=(1.0, 1.0))

@@ -1,4 +1,5 @@
-"""Image grids as PNG files: sample sheets and the paper's manifold grid (Fig. 3 layout).
+"""Image grids as PNG files: sample sheets and the paper's manifold grid (Fig. 3 layout); line plots
+of a metric against steps or seconds (:func:`save_line_plot`).
 
 Images come in the models' layout, ``(N, C, H, W)`` float in ``value_range`` (default
 ``[-1, 1]``), or ``uint8`` (taken as 0..255 whatever ``value_range`` says). PNG files are
@@ -19,14 +20,14 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..io import atomic_write_bytes
 
-__all__ = ["make_grid", "save_grid", "save_manifold_grid", "save_image"]
+__all__ = ["make_grid", "save_grid", "save_manifold_grid", "save_image", "save_line_plot"]
 
 
 def _to_uint8_nchw(images: Tensor, value_range: tuple[float, float] | None) -> Tensor:
@@ -215,3 +216,70 @@ def _label_rows(grid: Tensor, labels: list[str], row_height: int, top: int) -> T
         draw.text((4, top + r * row_height + max(0, (row_height - font_h) // 2)), text, fill=255)
     strip = torch.frombuffer(bytearray(margin.tobytes()), dtype=torch.uint8).reshape(grid.shape[0], width, 1)
     return torch.cat([strip.expand(-1, -1, grid.shape[2]), grid], dim=1)
+
+
+#: Line colours of :func:`save_line_plot`, in series order (matplotlib's "tab10").
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def save_line_plot(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike[str],
+    xlabel: str,
+    ylabel: str,
+    *,
+    y_range: tuple[float, float] = (0.0, 1.0),
+    hlines: Sequence[float] = (),
+) -> Path:
+    """One polyline per series, with a legend on the right, as a PNG at ``path`` (atomically).
+
+    The x axis runs from 0 to the largest x of any point; the y axis over ``y_range``, with six
+    labelled grid lines. Under the plot: ``"{xlabel} (0 to {largest x}); {ylabel}"``. Series keep
+    their order (and :data:`PALETTE` colour); points are joined in the order given, so sort them
+    by x first; a series of one point is drawn as a dot. ``hlines``: y values drawn as darker
+    horizontal lines (e.g. a threshold). 990 x 420 pixels, PIL only (no matplotlib).
+
+    Example:
+        >>> import os, tempfile
+        >>> p = save_line_plot({"a": [(0, 0.1), (100, 0.7)], "b": [(50, 0.4)]},
+        ...                    os.path.join(tempfile.mkdtemp(), "nmi.png"), "steps", "NMI")
+    """
+    from PIL import Image, ImageDraw
+
+    if not series or not any(series.values()):
+        raise ValueError("save_line_plot needs at least one series with at least one (x, y) point")
+    lo, hi = float(y_range[0]), float(y_range[1])
+    if hi <= lo:
+        raise ValueError(f"y_range must be (lo, hi) with hi > lo, got {y_range}")
+    w, h, left, bottom, top = 760, 420, 50, 30, 10
+    img = Image.new("RGB", (w + 230, h), "white")
+    draw = ImageDraw.Draw(img)
+    xmax = max(x for pts in series.values() for x, _ in pts)
+    span = xmax if xmax > 0 else 1.0
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + (w - left - 10) * x / span, top + (h - top - bottom) * (1 - (y - lo) / (hi - lo))
+
+    for t in range(0, 11, 2):
+        v = lo + (hi - lo) * t / 10
+        y = xy(0, v)[1]
+        draw.line([(left, y), (w - 10, y)], fill=(225, 225, 225))
+        draw.text((8, y - 6), f"{v:.1f}", fill="black")
+    for v in hlines:
+        y = xy(0, v)[1]
+        draw.line([(left, y), (w - 10, y)], fill=(120, 120, 120))
+    draw.text((left, h - bottom + 8), f"{xlabel} (0 to {xmax:.6g}); {ylabel}", fill="black")
+    for k, (name, points) in enumerate(series.items()):
+        pts = [xy(x, y) for x, y in points]
+        colour = PALETTE[k % len(PALETTE)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        elif pts:
+            (px, py), = pts
+            draw.ellipse([(px - 3, py - 3), (px + 3, py + 3)], fill=colour)
+        draw.line([(w + 5, 20 + 16 * k), (w + 25, 20 + 16 * k)], fill=colour, width=3)
+        draw.text((w + 30, 14 + 16 * k), name, fill="black")
+    out = io.BytesIO()
+    img.save(out, format="PNG", optimize=False)
+    return atomic_write_bytes(out.getvalue(), path)
