@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import qmm_plugin
 from qmm_plugin.paper.manifold_classes import sample_manifold_class_report
@@ -57,12 +58,15 @@ class Recipe:
     lam: float = 0.05
     init_std: float | None = None  # bank spread (None: convert's default)
     bank_lr: float = 1.0           # learning-rate multiplier of the bias banks
+    g_lr: float = 1.0              # learning-rate multiplier of the generator (InfoGAN: 5)
     stratified: bool = False       # every batch holds each manifold equally often
     z_dim: int = 8
     data: str = "subset"           # subset | full
     batch: int = 32
     steps: int = 1600
     info: float = 0.0              # weight of the manifold-recovery term (ours)
+    cluster: float = 0.0           # weight of the recovery head's real-data clustering term (ours)
+    ema: float = 0.0               # decay of an exponential moving average of G evaluated instead of G (0: none)
     num_biases: int = A
 
 
@@ -82,6 +86,8 @@ CELLS: dict[str, Recipe] = {
     "ours,n_critic=2": replace(OURS, n_critic=2),
     "ours,init_std=0.3": replace(OURS, init_std=0.3),
     "ours,bank_lr=10": replace(OURS, bank_lr=10.0),
+    "ours,bank_lr=30": replace(OURS, bank_lr=30.0),
+    "ours,bank_lr=10,init_std=0.3": replace(OURS, bank_lr=10.0, init_std=0.3),
     "ours,unstratified": replace(OURS, stratified=False),
     "ours,z=16": replace(OURS, z_dim=16),
     "ours,full": replace(OURS, data="full"),
@@ -89,12 +95,18 @@ CELLS: dict[str, Recipe] = {
     "ours,info=0.3": replace(OURS, info=0.3),
     "ours,info=3": replace(OURS, info=3.0),
     "ours,lr=5e-4": replace(OURS, lr=5e-4),
+    "ours,g_lr=5": replace(OURS, g_lr=5.0),
+    "ours,g_lr=5,cluster=1": replace(OURS, g_lr=5.0, cluster=1.0),
+    "ours,cluster=1": replace(OURS, cluster=1.0),
+    "ours,g_lr=5,ema=0.995": replace(OURS, g_lr=5.0, ema=0.995),
+    "ours,g_lr=2.5,bank_lr=10": replace(OURS, g_lr=2.5, bank_lr=10.0),
     "ours,wgan(A=1)": replace(OURS, num_biases=1, info=0.0, lam=0.0),
 }
 GROUPS = {
     "main": ["paper", "beta1=0.5", "ours", "ours,lam=0", "ours,info=0"],
     "loss": ["beta1=0.5,hinge", "ours,ns", "ours,wasserstein", "ours,n_critic=2"],
-    "banks": ["ours,init_std=0.3", "ours,bank_lr=10", "ours,unstratified"],
+    "banks": ["ours,init_std=0.3", "ours,bank_lr=10", "ours,bank_lr=30", "ours,bank_lr=10,init_std=0.3",
+              "ours,unstratified"],
     "size": ["ours,z=16", "ours,full", "ours,batch=64", "ours,info=0.3", "beta1=0.5,info=1", "ours,wgan(A=1)"],
 }
 
@@ -126,7 +138,8 @@ def build(r: Recipe) -> tuple[nn.Module, nn.Module, nn.Module, torch.optim.Optim
     banks = [p for n, p in q.named_parameters() if n.endswith("bias_bank")]
     rest = [p for n, p in q.named_parameters() if not n.endswith("bias_bank")]
     betas = (r.beta1, 0.999)
-    opt_g = torch.optim.Adam([{"params": rest}, {"params": banks, "lr": r.lr * r.bank_lr}], lr=r.lr, betas=betas)
+    g_lr = r.lr * r.g_lr
+    opt_g = torch.optim.Adam([{"params": rest}, {"params": banks, "lr": g_lr * r.bank_lr}], lr=g_lr, betas=betas)
     opt_d = torch.optim.Adam(list(critic.parameters()) + list(head.parameters()), lr=r.lr, betas=betas)
     return q, critic, head, opt_g, opt_d
 
@@ -161,6 +174,8 @@ def train_step(r: Recipe, q: nn.Module, critic: nn.Module, head: nn.Module, opt_
         loss_d = d_loss(r.loss, scores[:r.batch], scores[r.batch:])
         if r.info > 0:
             loss_d = loss_d + r.info * F.cross_entropy(head(feats[r.batch:]), idx_d)
+        if r.cluster > 0:  # real digits: confident and balanced predictions of the recovery head
+            loss_d = loss_d - r.cluster * cluster_information(head(feats[:r.batch]))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
@@ -174,6 +189,16 @@ def train_step(r: Recipe, q: nn.Module, critic: nn.Module, head: nn.Module, opt_
     opt_g.step()
     critic.requires_grad_(True)
     return {k: float(v.detach()) for k, v in (("loss_d", loss_d), ("loss_g", loss_g), ("r_ba", reg), ("info", info))}
+
+
+def cluster_information(logits: Tensor) -> Tensor:
+    """Mutual information between a batch's samples and the head's predicted index,
+    H(mean p) - mean H(p) (as CatGAN / IMSAT): high when each sample is assigned confidently and
+    the assignments are balanced over the A indices."""
+    p = logits.softmax(-1)
+    logp = logits.log_softmax(-1)
+    marginal = p.mean(0)
+    return -(marginal * marginal.clamp_min(1e-12).log()).sum() + (p * logp).sum(-1).mean()
 
 
 def evaluate(q: nn.Module, r: Recipe, classifier: nn.Module, real: tuple[Tensor, Tensor], seed: int) -> dict[str, Any]:
@@ -197,23 +222,28 @@ def run_cell(name: str, r: Recipe, seed: int, out: Path, eval_every: int, done: 
     real = (to_model_range(xt).reshape(-1, 1, 28, 28), yt)
     classifier = load_mnist_classifier()
     q, critic, head, opt_g, opt_d = build(r)
+    ema = AveragedModel(q, multi_avg_fn=get_ema_multi_avg_fn(r.ema), use_buffers=True) if r.ema > 0 else None
     ckpt = out / "ckpt" / f"{name}__{seed}.pt"
     start, elapsed = 0, 0.0
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         for m, k in ((q, "q"), (critic, "critic"), (head, "head"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             m.load_state_dict(st[k])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
         torch.set_rng_state(st["rng"])
         start, elapsed = st["step"], st["elapsed"]
     t0 = time.perf_counter() - elapsed
     for step in range(start + 1, r.steps + 1):
         losses = train_step(r, q, critic, head, opt_g, opt_d, data)
+        if ema is not None:
+            ema.update_parameters(q)
         if step % eval_every == 0 or step == r.steps:
             t_eval = time.perf_counter()
             train_s = t_eval - t0
             row = {"cell": name, "seed": seed, "step": step, "train_s": round(train_s, 1),
                    "final": step == r.steps, "recipe": asdict(r), **losses,
-                   **evaluate(q, r, classifier, real, seed=1000 + step)}
+                   **evaluate(q if ema is None else ema.module, r, classifier, real, seed=1000 + step)}
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name} seed {seed} step {step}: NMI {row['nmi']:.3f} distinct {row['distinct_majorities']} "
@@ -223,7 +253,7 @@ def run_cell(name: str, r: Recipe, seed: int, out: Path, eval_every: int, done: 
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"q": q.state_dict(), "critic": critic.state_dict(), "head": head.state_dict(),
                         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": torch.get_rng_state(),
-                        "step": step, "elapsed": train_s}, tmp)
+                        "step": step, "elapsed": train_s, **({"ema": ema.state_dict()} if ema else {})}, tmp)
             os.replace(tmp, ckpt)
             t0 += time.perf_counter() - t_eval  # evaluation time is not training time
 
@@ -237,6 +267,8 @@ METRICS = ("nmi", "distinct_majorities", "confident", "min_class_share", "divers
 
 
 def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
     m = sum(values) / len(values)
     if len(values) < 2:
         return f"{m:.3f}"
@@ -256,6 +288,16 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str = "nmi") -> 
     return save_line_plot(series, path, "steps", f"{metric}, mean over seeds")
 
 
+#: The step at which every cell is compared besides its last (the shortest cell's length).
+COMMON_STEP = 1600
+
+
+def at_step(rows: list[dict[str, Any]], cell: str, step: int) -> list[float]:
+    """NMI of ``cell`` at ``step``, one value per seed that has a finished run reaching it."""
+    finished = {r["seed"] for r in rows if r["cell"] == cell and r["final"]}
+    return [float(r["nmi"]) for r in rows if r["cell"] == cell and r["step"] == step and r["seed"] in finished]
+
+
 def write_report(out: Path) -> Path:
     """``out/ABLATION.md`` (final-step table, per-seed table) and ``out/nmi_curves.png`` from
     ``out/results.jsonl``."""
@@ -269,27 +311,31 @@ def write_report(out: Path) -> Path:
     finals: dict[str, list[dict[str, Any]]] = {}
     for (cell, _), r in sorted(last.items()):
         finals.setdefault(cell, []).append(r)
+    at = COMMON_STEP
     lines = ["# Manifold separation: recipe ablation (Q-WGAN, MNIST, CPU)", "",
              "Made by `python benchmarks/separation_ablation.py --report` from `results.jsonl` (written by "
              "`python benchmarks/separation_ablation.py --cells ...`). Each cell: one recipe, trained for its "
              "steps at batch 32; report on 100 samples per manifold with the bundled MNIST classifier. "
-             "Values: mean ± sd over seeds at the cell's last step. `train_s`: training seconds (1 thread, "
-             "shared machine: compare within one page only).", "",
-             "| cell | recipe (changes from the paper's) | steps | seeds | " + " | ".join(METRICS) + " | train_s |",
-             "|---|---|---|---|" + "---|" * len(METRICS) + "---|"]
+             "Values: mean ± sd over seeds at the cell's last step; `nmi@" + str(at) + "`: NMI at step "
+             f"{at}, the budget every cell reached (cells differ in length). `train_s`: training seconds "
+             "(1 thread, shared machine: compare within one page only).", "",
+             "| cell | recipe (changes from the paper's) | steps | seeds | " + " | ".join(METRICS)
+             + f" | nmi@{at} | train_s |",
+             "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for cell in sorted(finals, key=lambda c: -sum(r["nmi"] for r in finals[c]) / len(finals[c])):
         rs = finals[cell]
         recipe = {k: v for k, v in rs[0]["recipe"].items() if asdict(PAPER).get(k) != v and k != "steps"}
         lines.append(f"| {cell} | {', '.join(f'{k}={v}' for k, v in recipe.items()) or '—'} | {rs[0]['step']} | "
                      f"{len(rs)} | " + " | ".join(_mean_sd([float(r[m]) for r in rs]) for m in METRICS)
-                     + f" | {_mean_sd([r['train_s'] for r in rs])} |")
+                     + f" | {_mean_sd(at_step(rows, cell, at))} | {_mean_sd([r['train_s'] for r in rs])} |")
     curves = plot_curves(rows, out / "nmi_curves.png")
     lines += ["", f"![NMI against training steps]({curves.name})", "",
               "Every evaluation (cell, seed, step: NMI / distinct / confident):", ""]
     for cell in sorted({r["cell"] for r in rows}):
         for seed in sorted({r["seed"] for r in rows if r["cell"] == cell}):
             pts = [r for r in rows if r["cell"] == cell and r["seed"] == seed]
-            lines.append(f"- {cell}, seed {seed}: " + "; ".join(
+            unfinished = "" if any(r["final"] for r in pts) else " (stopped before its last step; not in the table)"
+            lines.append(f"- {cell}, seed {seed}{unfinished}: " + "; ".join(
                 f"{r['step']}: {r['nmi']:.2f}/{r['distinct_majorities']}/{r['confident']:.2f}" for r in pts))
     path = out / "ABLATION.md"
     path.write_text("\n".join(lines) + "\n")
@@ -299,7 +345,8 @@ def write_report(out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", nargs="+", default=["main"], help=f"cell names or groups {sorted(GROUPS)}")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per cell (default: 2)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--steps", type=int, default=None, help="override every cell's steps")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/separation"))
@@ -314,7 +361,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown cells {unknown}; choose from {sorted(CELLS)} or groups {sorted(GROUPS)}")
     done = {(r["cell"], r["seed"], r["step"]) for r in load_results(args.out) if r["final"]}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in names:
             r = CELLS[name] if args.steps is None else replace(CELLS[name], steps=args.steps)
             run_cell(name, r, seed, args.out, args.eval_every, done)
