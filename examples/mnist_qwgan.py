@@ -5,19 +5,22 @@ r"""Q-WGAN on MNIST: ten manifolds that share every weight, one digit class per 
     python examples/mnist_qwgan.py --preset paper       # Appendix B's settings exactly
     python examples/mnist_qwgan.py --lam 0              # the same recipe without R_BA
     python examples/mnist_qwgan.py --num-biases 1 --info 0   # a plain GAN under the same recipe
-    python examples/mnist_qwgan.py --resume --steps 3000     # continue a run
+    python examples/mnist_qwgan.py --resume --steps 4000     # continue a run
 
 The lines marked ``# QMM:`` are all QMM adds to a GAN loop. The model is the paper's (Appendix B:
 MNIST generator, z = 8, converted to A = 10 bias banks; spectrally normalised critic without
 BatchNorm). ``--preset`` chooses what the paper leaves open:
 
 =========  ===================================================================================
-ours       hinge loss, Adam β1 = 0.5, every batch holds each manifold equally often, and a
+ours       hinge loss, Adam β1 = 0.5, the generator's learning rate 5 times the critic's
+           (1e-3 and 2e-4, as InfoGAN's), samples drawn from an exponential moving average of
+           G's weights (``--ema 0.995``), every batch holds each manifold equally often, and a
            *manifold-recovery* term of ours (``--info``): a linear head on the critic's last
            hidden features predicts the manifold index of a fake, and its cross-entropy trains
            the head and the generator (as InfoGAN's categorical code and DMWGAN's posterior do),
            so each manifold must draw something the critic can tell apart from the others.
-paper      Wasserstein loss, Adam default betas, manifolds drawn uniformly, no recovery term.
+paper      Wasserstein loss, Adam default betas, one learning rate (2e-4), samples from G itself,
+           manifolds drawn uniformly, no recovery term.
 =========  ===================================================================================
 
 Every sample grid (``samples_step{N}.png``: one row per manifold, one shared z per column, each
@@ -38,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import qmm_plugin
 from qmm_plugin.paper import training as C
@@ -48,8 +52,8 @@ from qmm_plugin.paper.models import MNISTCritic, MNISTGenerator
 from qmm_plugin.paper.viz import save_manifold_grid
 
 PRESETS = {
-    "ours": {"loss": "hinge", "beta1": 0.5, "info": 1.0, "stratified": True},
-    "paper": {"loss": "wasserstein", "beta1": 0.9, "info": 0.0, "stratified": False},
+    "ours": {"loss": "hinge", "beta1": 0.5, "info": 1.0, "stratified": True, "g_lr_scale": 5.0, "ema": 0.995},
+    "paper": {"loss": "wasserstein", "beta1": 0.9, "info": 0.0, "stratified": False, "g_lr_scale": 1.0, "ema": 0.0},
 }
 Z_DIM = 8
 
@@ -70,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     recover = nn.Linear(critic.config.fc[-1], a)                              # ours: manifold-recovery head
     for m in (g, critic, recover):
         m.to(dev)
+    ema = AveragedModel(g, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    sampler = g if ema is None else ema.module  # reports, grids and FID sample from the moving average of G
     betas = (args.beta1, 0.999)
-    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr, betas=betas)
+    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr * args.g_lr_scale, betas=betas)
     opt_d = torch.optim.Adam([*critic.parameters(), *recover.parameters()], lr=args.lr, betas=betas)
 
     images, _ = load_mnist(args.data_dir, "train")
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        if ema is not None:
+            ema.update_parameters(g)
         critic.requires_grad_(True)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "r_ba": r_ba.item(), "info": info.item()}
 
@@ -118,18 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     def report(step: int) -> ManifoldClassReport:
         """Manifold-class report and labelled grid ``samples_step{step}.png``."""
         gen = torch.Generator().manual_seed(args.seed + step)
-        g.eval()
+        sampler.eval()
         rep = sample_manifold_class_report(
-            lambda i, n: g(torch.randn(n, Z_DIM, generator=gen).to(dev), manifold=i),  # QMM: sample manifold i
+            lambda i, n: sampler(torch.randn(n, Z_DIM, generator=gen).to(dev), manifold=i),  # QMM: manifold i
             classifier, a, args.report_samples, real_images=real_test, real_labels=test_y)
         z = torch.randn(10, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345)).to(dev)
-        grid = torch.stack([g(z, manifold=i).cpu() for i in range(a)])       # Fig. 3: rows = manifolds
-        g.train()
+        grid = torch.stack([sampler(z, manifold=i).cpu() for i in range(a)])  # Fig. 3: rows = manifolds
+        sampler.train()
         save_manifold_grid(grid, out / f"samples_step{step}.png", scale=2, row_labels=rep.row_labels())
         return rep
 
     run = C.FlatRun(args, d, {"model": "qwgan" if a > 1 else "wgan"},     # save / --resume / Ctrl-C
-                    {"generator": g, "critic": critic, "recover": recover}, {"generator": opt_g, "critic": opt_d})
+                    {"generator": g, "critic": critic, "recover": recover, **({"ema": ema} if ema else {})},
+                    {"generator": opt_g, "critic": opt_d})
     start = run.resume()
     for step in run.steps(start, f"Q-WGAN ({args.preset})"):  # progress bar, checkpoints; Ctrl-C: save, exit
         row = {"step": step, **train_step(step)}
@@ -138,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     final: dict[str, object] = {"steps": args.steps, "preset": args.preset}
     if args.fid_samples > 0:
         gen = torch.Generator().manual_seed(args.seed + 777)
-        g.eval()
-        final["mnist_fid"] = C.mnist_fid(lambda k: g(torch.randn(k, Z_DIM, generator=gen).to(dev)),
+        sampler.eval()
+        final["mnist_fid"] = C.mnist_fid(lambda k: sampler(torch.randn(k, Z_DIM, generator=gen).to(dev)),
                                          args.fid_samples, test_x)
-        g.train()
+        sampler.train()
     return run.finish(final, report, f"Q-WGAN ({args.preset})")  # final report, metrics.json, summary
 
 
@@ -153,10 +162,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--info", type=float, default=None, help="weight of the manifold-recovery term (preset's)")
     p.add_argument("--loss", choices=("hinge", "wasserstein"), default=None, help="GAN loss (preset's)")
     p.add_argument("--beta1", type=float, default=None, help="Adam β1 of G and D (preset's)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (default: 2e-4)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of D (default: 2e-4)")
+    p.add_argument("--g-lr-scale", type=float, default=None, help="G's learning rate is --lr times this (preset's)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="decay of the moving average of G that is sampled; 0: sample G itself (preset's)")
     p.add_argument("--report-samples", type=int, default=100, help="samples per manifold for the report")
-    C.add_common_args(p, out="runs/mnist_qwgan", steps=2000, batch_size=32, sample_every=500,
-                      ckpt_every=250, fid_samples=2000)
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=2400, batch_size=32, sample_every=600,
+                      ckpt_every=300, fid_samples=2000)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
@@ -165,9 +177,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:  # never overrides a flag given on the command line
         given |= C.apply_smoke(args, given, {"steps": 4, "batch_size": 20, "fid_samples": 200, "ckpt_every": 2,
                                              "log_every": 1, "report_samples": 10, "sample_every": lambda a: a.steps})
-    C.resume_settings(args, given)  # --resume: the checkpoint's flags, unless one given can change
+    C.resume_settings(args, given, C.RESUMABLE_FLAGS | {"g_lr_scale"})  # --resume: the checkpoint's flags,
+                                                                         # unless one given may change
     C.check_positive(args, "steps", "batch_size", "sample_every", "ckpt_every", "log_every", "num_biases",
                      "report_samples")
+    if not (args.lr > 0 and args.g_lr_scale > 0):
+        p.error(f"--lr and --g-lr-scale must be > 0, got {args.lr:g} and {args.g_lr_scale:g}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1) (0: no moving average), got {args.ema:g}")
     if args.info > 0 and args.num_biases < 2:
         p.error("--info needs --num-biases >= 2 (there is no manifold index to recover); pass --info 0")
     return args

@@ -66,7 +66,7 @@ def test_mnist_qwgan_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,modules,loss", [("mnist_qwgan.py", ("generator", "critic", "recover"), "loss_g"),
+@pytest.mark.parametrize("script,modules,loss", [("mnist_qwgan.py", ("generator", "critic", "recover", "ema"), "loss_g"),
                                                  ("mnist_qbvae.py", ("decoder", "encoder"), "loss")])
 def test_resume_continues_exactly(tmp_path: Path, script: str, modules: tuple[str, ...], loss: str) -> None:
     common = ("--smoke", "--fid-samples", "0", "--no-progress")

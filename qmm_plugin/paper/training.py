@@ -827,9 +827,10 @@ class FlatRun:
         for name, m in self.modules.items():
             m.load_state_dict(ckpt["modules"][name])
         for name, o in self.optimizers.items():
+            lrs = [group["lr"] for group in o.param_groups]  # what this command's flags set
             o.load_state_dict(ckpt["optimizers"][name])
-            for group in o.param_groups:  # a changed --lr applies from here on
-                group["lr"] = self.args.lr
+            for group, lr in zip(o.param_groups, lrs):  # a changed --lr applies from here on
+                group["lr"] = lr
         self.log.load_state(ckpt["metrics"])
         set_rng_state(ckpt["rng"])
         self.last_good = ckpt["step"]
