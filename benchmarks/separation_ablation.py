@@ -72,6 +72,7 @@ class Recipe:
 
 PAPER = Recipe()
 OURS = Recipe(loss="hinge", beta1=0.5, info=1.0, stratified=True)
+MAIN_JOB = replace(OURS, g_lr=5.0, ema=0.995)  # examples/mnist_qwgan.py's default preset, at batch 32
 
 CELLS: dict[str, Recipe] = {
     "paper": PAPER,
@@ -98,7 +99,9 @@ CELLS: dict[str, Recipe] = {
     "ours,g_lr=5": replace(OURS, g_lr=5.0),
     "ours,g_lr=5,cluster=1": replace(OURS, g_lr=5.0, cluster=1.0),
     "ours,cluster=1": replace(OURS, cluster=1.0),
-    "ours,g_lr=5,ema=0.995": replace(OURS, g_lr=5.0, ema=0.995),
+    "ours,g_lr=5,ema=0.995": MAIN_JOB,
+    "ours,g_lr=5,ema=0.995,lam=0": replace(MAIN_JOB, lam=0.0),
+    "ours,g_lr=5,ema=0.995,info=0": replace(MAIN_JOB, info=0.0),
     "ours,g_lr=2.5,bank_lr=10": replace(OURS, g_lr=2.5, bank_lr=10.0),
     "ours,wgan(A=1)": replace(OURS, num_biases=1, info=0.0, lam=0.0),
 }
@@ -107,6 +110,8 @@ GROUPS = {
     "loss": ["beta1=0.5,hinge", "ours,ns", "ours,wasserstein", "ours,n_critic=2"],
     "banks": ["ours,init_std=0.3", "ours,bank_lr=10", "ours,bank_lr=30", "ours,bank_lr=10,init_std=0.3",
               "ours,unstratified"],
+    "recipe": ["ours,g_lr=5", "ours,g_lr=5,ema=0.995", "ours,g_lr=5,ema=0.995,lam=0",
+               "ours,g_lr=5,ema=0.995,info=0"],
     "size": ["ours,z=16", "ours,full", "ours,batch=64", "ours,info=0.3", "beta1=0.5,info=1", "ours,wgan(A=1)"],
 }
 
