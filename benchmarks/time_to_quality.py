@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 r"""Time to quality: training seconds on this machine until a model's manifolds separate into digit
 classes, NMI(manifold; class) >= ``--threshold`` (default 0.6), or the best NMI it reaches in the
-budget, for Q-WGAN, DMWGAN-style and InfoGAN, measured in one run.
+budget, for Q-WGAN (sampled from the moving average of G that the main job reports, and from G
+itself), DMWGAN-style and InfoGAN, measured in one run.
 
 The models train one after another, each in its own process (this Python), at batch 32 on the
 bundled 10k-digit MNIST subset, with the manifold-class report (bundled MNIST classifier) every
@@ -9,7 +10,9 @@ bundled 10k-digit MNIST subset, with the manifold-class report (bundled MNIST cl
 
 =========  ===================================================================================
 qwgan      ``examples/mnist_qwgan.py``, its default recipe (the main job): one generator with
-           ten bias banks, λ·R_BA, hinge loss, Adam β1 0.5, the manifold-recovery term
+           ten bias banks, λ·R_BA, hinge loss, Adam β1 0.5, G's learning rate 5 times the
+           critic's, the manifold-recovery term; reports sample a moving average of G
+qwgan-raw  the same, its reports sampling G itself (``--ema 0``), as the baselines' do
 dmwgan     ``benchmarks/table1/train_gan.py --model dmwgan --beta1 0.5``: ten generators with
            widths / 4, Wasserstein loss
 infogan    ``benchmarks/table1/train_gan.py --model infogan --beta1 0.5``: categorical(10) and
@@ -33,7 +36,7 @@ threshold; the best NMI and when), ``TIME_TO_QUALITY.md``, ``nmi_vs_seconds.png`
 the trainer's ``<model>_metrics.json`` and last sample grid ``<model>_samples.png``, all rewritten
 from the run folders.
 
-    python benchmarks/time_to_quality.py                          # all three, 2400 steps each (resumable)
+    python benchmarks/time_to_quality.py                          # all four, 2400 steps each (resumable)
     python benchmarks/time_to_quality.py --models qwgan dmwgan    # a subset
     python benchmarks/time_to_quality.py --report                 # the page again, from results.json
 """
@@ -76,7 +79,12 @@ class Model:
 MODELS: dict[str, Model] = {
     "qwgan": Model("Q-WGAN", REPO / "examples" / "mnist_qwgan.py", (),
                    "one generator, ten bias banks, λ·R_BA; the example's default recipe",
-                   ("preset", "loss", "beta1", "info", "stratified", "lam", "lr", "batch_size")),
+                   ("preset", "loss", "beta1", "info", "stratified", "lam", "lr", "g_lr_scale", "ema",
+                    "batch_size")),
+    "qwgan-raw": Model("Q-WGAN, G itself", REPO / "examples" / "mnist_qwgan.py", ("--ema", "0"),
+                       "the same recipe, reports sampling G itself instead of its moving average",
+                       ("preset", "loss", "beta1", "info", "stratified", "lam", "lr", "g_lr_scale", "ema",
+                        "batch_size")),
     "dmwgan": Model("DMWGAN-style", TRAIN_GAN, ("--model", "dmwgan", "--beta1", "0.5"),
                     "ten generators with widths / 4, Wasserstein loss",
                     ("model", "beta1", "lr", "n_critic", "batch_size")),
@@ -294,7 +302,7 @@ def write_results(results: dict[str, Any], out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="which models, in this order (default: all three)")
+                   help="which models, in this order (default: all)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps per model (default: {DEFAULT_STEPS}; --smoke: {SMOKE_STEPS})")
     p.add_argument("--sample-every", type=int, default=None,

@@ -1,5 +1,5 @@
 """benchmarks/time_to_quality.py: the first report at the NMI threshold, the page from results alone,
-and (slow) a smoke run of the three trainers that resumes, skips finished runs and rewrites the page."""
+and (slow) a smoke run of the four contenders that resumes, skips finished runs and rewrites the page."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "time_to_quality.py"
-LABELS = {"qwgan": "Q-WGAN", "dmwgan": "DMWGAN-style", "infogan": "InfoGAN"}
+LABELS = {"qwgan": "Q-WGAN", "qwgan-raw": "Q-WGAN, G itself", "dmwgan": "DMWGAN-style", "infogan": "InfoGAN"}
 
 
 def _load() -> ModuleType:
@@ -82,7 +82,7 @@ def test_page_from_results_alone(tmp_path: Path) -> None:
 
 def test_bad_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ttq = _load()
-    for argv, message in ((["--models", "gan"], "choose from 'qwgan', 'dmwgan', 'infogan'"),
+    for argv, message in ((["--models", "gan"], "choose from 'qwgan', 'qwgan-raw', 'dmwgan', 'infogan'"),
                           (["--steps", "0"], "--steps must be >= 1"), (["--threshold", "1.5"], "in (0, 1]")):
         with pytest.raises(SystemExit) as exit_info:
             ttq.main([*argv, "--out", str(tmp_path)])
@@ -113,6 +113,7 @@ def test_smoke_run_resumes_skips_and_reports(tmp_path: Path) -> None:
         assert "--fid-samples" in m["invocations"][-1]["argv"]
     assert res["models"]["qwgan"]["processes"] == 2 and "--resume" in res["models"]["qwgan"]["invocations"][1]["argv"]
     assert res["models"]["dmwgan"]["settings"]["beta1"] == 0.5 == res["models"]["infogan"]["settings"]["beta1"]
+    assert res["models"]["qwgan"]["settings"]["ema"] > 0 and res["models"]["qwgan-raw"]["settings"]["ema"] == 0
     page = (out / "TIME_TO_QUALITY.md").read_text()
     assert all(f"| {label} (`{name}`)" in page for name, label in LABELS.items())
     assert (out / "nmi_vs_seconds.png").stat().st_size > 1000
@@ -122,6 +123,6 @@ def test_smoke_run_resumes_skips_and_reports(tmp_path: Path) -> None:
     assert not list(out.rglob("*.pt")) and (out.parent / "runs" / "qwgan" / "checkpoint.pt").is_file()
 
     again = _run(out)                                     # everything finished: nothing retrained
-    assert again.count("not retrained") == 3
+    assert again.count("not retrained") == len(LABELS)
     _run(out, "--report", "--threshold", "0.01")
     assert "NMI(manifold; class) ≥ 0.01" in (out / "TIME_TO_QUALITY.md").read_text()
