@@ -41,6 +41,10 @@ def test_study_results_resume_and_report(tmp_path: Path) -> None:
     assert len(spread) == 2 and all(v > 0 for v in spread.values()), spread  # the decoder's two FC layers
     assert next(r for r in rows if r["model"] == "wgan")["tangential_spread"] == {}  # A = 1: no spread
     assert "training" in first
+    for r in rows:  # each run's final manifold-class report travels into its results line
+        mc = r["manifold_classes"]
+        assert set(mc) == {"nmi", "purity", "distinct_majorities", "confident", "min_class_share", "diversity"}, mc
+        assert 0.0 <= mc["nmi"] <= 1.0 and 1 <= mc["distinct_majorities"] <= 10, mc
 
     ckpts = {m: out / f"{m}_s0" / "checkpoint.pt" for m in ("wgan", "qbvae")}
     stamps = {m: p.stat().st_mtime_ns for m, p in ckpts.items()}
@@ -67,5 +71,33 @@ def test_study_results_resume_and_report(tmp_path: Path) -> None:
     assert "<!-- BEGIN generated:smoke -->" in text and "<!-- END generated:smoke -->" in text
     fid = next(r["mnist_fid"] for r in rows3 if r["model"] == "wgan")
     assert f"{fid:.2f}" in text  # the table's number comes from the results file
+    nmi = next(r["manifold_classes"]["nmi"] for r in rows3 if r["model"] == "wgan")
+    assert "Manifold-class report" in text and f"| WGAN | {nmi:.3f} |" in text
     assert (tmp_path / "assets" / "spread_vae_smoke.png").is_file()
     assert (tmp_path / "assets" / "results_smoke.jsonl").read_text() == results.read_text()
+
+
+def _table1_reporting():  # noqa: ANN202 - the study's package, as its script imports it
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    import table1.config
+    import table1.reporting
+
+    return table1.config, table1.reporting
+
+
+def test_manifold_class_table_is_the_mean_over_seeds_and_absent_without_reports() -> None:
+    config, reporting = _table1_reporting()
+    budget = config.PRESETS["quick"]
+    base = {"steps": 10, "batch_size": 8, "mnist_fid": 50.0, "dis_slant": 1.5, "dis_width": 1.5,
+            "sec_per_step": 0.1, "example_wall_s": 10.0, "dis_eval_s": 5.0, "tangential_spread": {}}
+    rep = {"purity": 0.5, "distinct_majorities": 6, "confident": 0.8, "min_class_share": 0.05, "diversity": 0.9}
+    rows = [{**base, "model": "qwgan", "seed": 0, "manifold_classes": {**rep, "nmi": 0.2}},
+            {**base, "model": "qwgan", "seed": 1, "manifold_classes": {**rep, "nmi": 0.4, "distinct_majorities": 8}},
+            {**base, "model": "wgan", "seed": 0, "manifold_classes": None}]
+    text = reporting.render_tables(rows, budget, ["wgan", "qwgan"], REPO, {"results": "r.jsonl"}, "cmd")
+    assert "| Q-WGAN | 0.300 ± 0.141 | 0.500 ± 0.000 | 7.0 ± 1.4 |" in text, text
+    assert "| WGAN | — | — | — | — | — | — |" in text, text
+    old = [{k: v for k, v in r.items() if k != "manifold_classes"} for r in rows]  # rows that carry no report
+    assert "Manifold-class report" not in reporting.render_tables(old, budget, ["wgan", "qwgan"], REPO,
+                                                                  {"results": "r.jsonl"}, "cmd")

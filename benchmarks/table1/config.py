@@ -31,6 +31,11 @@ MODELS: dict[str, tuple[Path, str]] = {
 
 GAN_MODELS = ("wgan", "dmwgan", "qwgan", "qwgan-l0")
 
+#: The manifold-class report's scalars (``ManifoldClassReport.summary()``) a results row keeps from
+#: its run's final report: NMI(manifold; class), purity, distinct majority classes, share of samples
+#: classified with p > 0.9, the smallest class's share of all samples, within-manifold diversity.
+MANIFOLD_CLASS_KEYS = ("nmi", "purity", "distinct_majorities", "confident", "min_class_share", "diversity")
+
 #: Order in which a study trains the models of one seed (the central comparison first, so a
 #: stopped study has it); tables keep the MODELS order.
 PRIORITY = ("qwgan", "qwgan-l0", "wgan", "dmwgan", "qbvae", "qbvae-l0", "bvae")

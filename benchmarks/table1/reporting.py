@@ -16,7 +16,7 @@ from typing import Any
 
 from qmm_plugin.io import atomic_write_text
 
-from .config import Budget, MODELS, PAPER_TABLE1
+from .config import MANIFOLD_CLASS_KEYS, MODELS, PAPER_TABLE1, Budget
 from .evaluating import generalisation_grids, manifold_structure
 from .running import read_results
 
@@ -137,6 +137,9 @@ def summarize(rows: list[dict[str, Any]], models: Sequence[str]) -> list[dict[st
                     "fid_real_train_vs_test"):
             mean, std, n = _stats([r.get(key) for r in rs])
             entry[key] = {"mean": mean, "std": std, "n": n}
+        for key in MANIFOLD_CLASS_KEYS:
+            mean, std, n = _stats([(r.get("manifold_classes") or {}).get(key) for r in rs])
+            entry[f"manifold_classes/{key}"] = {"mean": mean, "std": std, "n": n}
         table.append(entry)
     return table
 
@@ -182,6 +185,19 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
                      f"{_fmt([r['dis_slant'] for r in rs])} | {pf['slant']} | "
                      f"{_fmt([r['dis_width'] for r in rs])} | {pf['width']} |")
     lines.append("")
+    if any(r.get("manifold_classes") for r in rows):
+        lines += ["Manifold-class report at the end of training (bundled MNIST classifier on the run's own "
+                  "report samples; `qmm_plugin.paper.manifold_classes`): NMI(manifold; class), purity, distinct "
+                  "majority classes among the manifolds, share classified with p > 0.9, smallest class's share "
+                  "of all samples, within-manifold diversity (— : the row has no report).", "",
+                  "| model | NMI | purity | distinct majorities | confident | smallest class | diversity |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in models:
+            reps = [r.get("manifold_classes") or {} for r in per_model[m]]
+            lines.append(f"| {MODELS[m][1]} | " + " | ".join(
+                _fmt([x.get(k) for x in reps], 1 if k == "distinct_majorities" else 3)
+                for k in MANIFOLD_CLASS_KEYS) + " |")
+        lines.append("")
     structure = structure or {}
 
     def gmean(values: list[float]) -> float:

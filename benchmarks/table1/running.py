@@ -18,7 +18,7 @@ import torch
 
 from qmm_plugin.io import atomic_write_text
 
-from .config import GAN_MODELS, MODELS, PRIORITY, REPO, SCRIPT, Budget
+from .config import GAN_MODELS, MANIFOLD_CLASS_KEYS, MODELS, PRIORITY, REPO, SCRIPT, Budget
 
 
 def train_command(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None, resume: bool) -> list[str]:
@@ -173,6 +173,7 @@ def run_one(model: str, seed: int, b: Budget, out: Path, data_dir: str | None, t
             "dis_eval_s": round(eval_s, 1),
             "tangential_spread": {k.split("/", 1)[1]: v for k, v in final.items()
                                   if k.startswith("tangential_spread/")},
+            "manifold_classes": {k: final["report"][k] for k in MANIFOLD_CLASS_KEYS} if "report" in final else None,
             "run_dir": str(run_dir), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
