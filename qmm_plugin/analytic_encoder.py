@@ -176,7 +176,7 @@ def analytic_encoder(q: QuotientModel, *, z_dim: int | None = None, check: bool 
     finally:
         for h in handles:
             h.remove()
-    for p, m, _ in trace:  # name the first unsupported module (in forward order) before any SVD
+    for p, m, _ in trace:  # name the first unsupported module (in forward order) before any pseudo-inverse
         if not isinstance(m, _INVERTIBLE):
             raise _unsupported(p, m)
     inverses = [_invert_module(p, m, s) for p, m, s in trace]
