@@ -28,8 +28,16 @@ preset     GANs (one critic + one generator update / step)  VAEs (10 EM iteratio
 =========  ===============================================  =====================================
 quick      2 seeds, 100 steps × 32, FID on 2,000 samples     2 seeds, 5 steps × 32 
 full       3 seeds, 1,000 steps × 64, FID on 10,000          3 seeds, 30 steps × 64
+recipe     3 seeds, 2,400 steps × 32, FID on 10,000;          —
+           the main example's recipe (below)
 smoke      the examples' ``--smoke`` (tests; seconds)
 =========  ===============================================  =====================================
+
+``--recipe`` trains the four GANs under the main example's recipe instead of Appendix B's
+settings (``table1.config.RECIPE_GANS``: Q-WGAN, Q-WGAN λ = 0 and WGAN are
+``examples/mnist_qwgan.py`` with ``--lam 0`` / ``--num-biases 1 --info 0``, the DMWGAN-style bank
+gets the recipe's Adam β1); the evaluation scores the moving average of G the recipe samples from.
+``--gan-recipe ours`` applies the recipe to any preset (``--smoke --gan-recipe ours`` in tests).
 
 Each results row records its run's ``sec_per_step`` and ``example_wall_s``; two runs go at a
 time by default (``--jobs 2``, one thread each).
@@ -52,6 +60,7 @@ Usage::
     python benchmarks/reproduce_table1.py --quick
     python benchmarks/reproduce_table1.py                         # full (hours), resumable
     python benchmarks/reproduce_table1.py --quick --report        # (re)write docs/RESULTS.md blocks
+    python benchmarks/reproduce_table1.py --recipe --report       # the GANs under the main job's recipe
     python benchmarks/reproduce_table1.py --smoke --data-dir embedded --out /tmp/s   # seconds
 """
 
@@ -63,7 +72,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from table1.config import DEFAULT_DATA, DOCS, MODELS, PRESETS, REPO  # benchmarks/table1 (the script's folder)
+from table1.config import DEFAULT_DATA, DOCS, GAN_MODELS, MODELS, PRESETS, REPO  # benchmarks/table1 (the script's folder)
 from table1.evaluating import evaluate_run_main
 from table1.reporting import report
 from table1.running import run_study
@@ -75,15 +84,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="the quick preset")
     g.add_argument("--smoke", action="store_true", help="a few steps per run (tests; seconds per run)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    g.add_argument("--recipe", action="store_true",
+                   help="the recipe preset: the four GANs under the main example's recipe (RECIPE_GANS)")
+    p.add_argument("--gan-recipe", choices=("paper", "ours"), default=None,
+                   help="train the GANs with Appendix B's settings or the main example's recipe (default: the "
+                        "preset's; only --recipe uses ours)")
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated subset of {','.join(MODELS)} (default: all; with the recipe, the GANs)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the preset's)")
     p.add_argument("--gan-steps", type=int, default=None, help="override the preset's GAN steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the preset's VAE steps")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA),
                    help=f"folder with the four MNIST idx files (default: {DEFAULT_DATA}); 'embedded' = the "
                         "10k/2k subset inside qmm_plugin (for tests)")
-    p.add_argument("--out", default=None, help="study folder (default: runs/table1/<preset>)")
+    p.add_argument("--out", default=None,
+                   help="study folder (default: runs/table1/<preset>, or <preset>-<gan recipe> with --gan-recipe)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained/evaluated at the same time (default: 2)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of each run's subprocesses (default: 1; see child_env)")
@@ -99,8 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
-    preset = "quick" if args.quick else "smoke" if args.smoke else "full"
+    preset = "quick" if args.quick else "smoke" if args.smoke else "recipe" if args.recipe else "full"
     b = PRESETS[preset]
+    if args.gan_recipe is not None:
+        b = replace(b, recipe=args.gan_recipe)
     for name in ("seeds", "gan_steps", "vae_steps"):
         value = getattr(args, name)
         if value is not None:
@@ -108,16 +125,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
             b = replace(b, **{name: value})
     args.budget = b
+    if args.models is None:
+        args.models = ",".join(GAN_MODELS if b.recipe == "ours" else MODELS)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.model_list if m not in MODELS]
     if unknown or not args.model_list:
         p.error(f"--models: unknown {unknown}; choose from {','.join(MODELS)}")
+    if b.recipe == "ours" and (vaes := [m for m in args.model_list if m not in GAN_MODELS]):
+        p.error(f"--models {','.join(vaes)}: the recipe is the GANs' (examples/mnist_qwgan.py); train the VAEs "
+                "without --recipe / --gan-recipe ours, or leave them out of --models")
     if args.data_dir == "embedded":
         args.data_dir = None
     elif not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir} does not exist; pass the folder with the MNIST idx files, or "
                 "--data-dir embedded for the small subset inside qmm_plugin")
-    args.out = Path(args.out) if args.out else REPO / "runs" / "table1" / preset
+    default_out = preset if b.recipe == PRESETS[preset].recipe else f"{preset}-{b.recipe}"
+    args.out = Path(args.out) if args.out else REPO / "runs" / "table1" / default_out
     return args
 
 

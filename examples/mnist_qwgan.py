@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.eval()
         final["mnist_fid"] = C.mnist_fid(lambda k: sampler(torch.randn(k, Z_DIM, generator=gen).to(dev)),
                                          args.fid_samples, test_x)
+        final.update(mnist_fid_samples=args.fid_samples, mnist_fid_test_images=test_x.shape[0])
         sampler.train()
     return run.finish(final, report, f"Q-WGAN ({args.preset})")  # final report, metrics.json, summary
 

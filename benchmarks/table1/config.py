@@ -31,6 +31,17 @@ MODELS: dict[str, tuple[Path, str]] = {
 
 GAN_MODELS = ("wgan", "dmwgan", "qwgan", "qwgan-l0")
 
+#: The GANs of a study with ``recipe="ours"``: each trains under the main example's recipe
+#: (``examples/mnist_qwgan.py``'s preset ``ours``; its docstring lists it). The one-generator models
+#: are that example with a flag; the DMWGAN-style bank has no bias banks, so it keeps the study's
+#: trainer and gets the recipe's Adam β1. model -> (script, flags).
+RECIPE_GANS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "wgan": (EXAMPLES / "mnist_qwgan.py", ("--num-biases", "1", "--info", "0")),
+    "dmwgan": (TABLE1 / "train_gan.py", ("--model", "dmwgan", "--beta1", "0.5")),
+    "qwgan": (EXAMPLES / "mnist_qwgan.py", ()),
+    "qwgan-l0": (EXAMPLES / "mnist_qwgan.py", ("--lam", "0")),
+}
+
 #: The manifold-class report's scalars (``ManifoldClassReport.summary()``) a results row keeps from
 #: its run's final report: NMI(manifold; class), purity, distinct majority classes, share of samples
 #: classified with p > 0.9, the smallest class's share of all samples, within-manifold diversity.
@@ -70,6 +81,7 @@ class Budget:
     grid_inversion_steps: int  # Eq. 3 steps for the Fig. 5/6 generalisation grids
     curve_points: int  # sample grids + exact tangential spread (a Gram eigendecomposition per layer) per run
     smoke: bool = False
+    recipe: str = "paper"  # "paper": every GAN with Appendix B's settings; "ours": RECIPE_GANS (GANs only)
 
     def steps(self, model: str) -> int:
         return self.gan_steps if model in GAN_MODELS else self.vae_steps
@@ -85,6 +97,9 @@ PRESETS: dict[str, Budget] = {
                    dis_images=10, dis_strengths=11, inversion_steps=100, grid_inversion_steps=500, curve_points=20),
     "quick": Budget("quick", seeds=2, gan_steps=100, vae_steps=5, batch_size=32, fid_samples=2000,
                     dis_images=6, dis_strengths=7, inversion_steps=50, grid_inversion_steps=300, curve_points=5),
+    "recipe": Budget("recipe", seeds=3, gan_steps=2400, vae_steps=30, batch_size=32, fid_samples=10000,
+                     dis_images=10, dis_strengths=11, inversion_steps=100, grid_inversion_steps=500, curve_points=4,
+                     recipe="ours"),
     "smoke": Budget("smoke", seeds=1, gan_steps=4, vae_steps=2, batch_size=20, fid_samples=200,
                     dis_images=2, dis_strengths=3, inversion_steps=3, grid_inversion_steps=3, curve_points=1,
                     smoke=True),

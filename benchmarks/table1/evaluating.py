@@ -19,17 +19,19 @@ from qmm_plugin.io import atomic_write_text
 from qmm_plugin.paper.data import load_mnist, to_model_range
 from qmm_plugin.paper.gan_families import make_family
 from qmm_plugin.paper.metrics import disentanglement_score
+from qmm_plugin.paper.training import sampled_generator_state
 from qmm_plugin.paper.vae_em import Z_DIM
 
 from .config import Budget, EXAMPLES, GAN_MODELS, REPO
 
 
 def load_generator(model: str, run_dir: Path) -> nn.Module:
-    """The trained generator / decoder of a run, in eval mode."""
+    """The trained generator of a GAN run, in eval mode: the weights its samples come from (the
+    moving average of G for a run of the main example's recipe)."""
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     if model in GAN_MODELS:
         fam = make_family(model, None)
-        fam.generator.load_state_dict(ckpt["modules"]["generator"])
+        fam.generator.load_state_dict(sampled_generator_state(ckpt))
         return fam.generator.eval()
     raise ValueError(f"load_generator: {model} is a VAE; use load_vae")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from qmm_plugin.io import atomic_write_text
 
-from .config import MANIFOLD_CLASS_KEYS, MODELS, PAPER_TABLE1, Budget
+from .config import MANIFOLD_CLASS_KEYS, MODELS, PAPER_TABLE1, RECIPE_GANS, REPO, Budget
 from .evaluating import generalisation_grids, manifold_structure
 from .running import read_results
 
@@ -154,6 +154,15 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
     lines = [f"Preset **{b.preset}** — {len(rows)} of {b.seeds * len(models)} runs finished"
              + ("" if complete else " (**partial**: n = seeds finished per cell)") + f"; results file "
              f"`{assets['results']}`. Command: `{command}`.", ""]
+    if b.recipe == "ours":
+        lines += ["Training: the main example's recipe (`examples/mnist_qwgan.py`, preset `ours`: hinge loss, "
+                  "Adam β1 = 0.5, G's learning rate 5 × the critic's, samples from a moving average of G, "
+                  "stratified manifolds, the manifold-recovery term) for the one-generator models; the "
+                  "DMWGAN-style bank with the study's trainer and the recipe's β1. Per model:", ""]
+        lines += ["- {}: `{}`".format(MODELS[m][1], " ".join(["python", os.path.relpath(RECIPE_GANS[m][0], REPO),
+                                                               *RECIPE_GANS[m][1]]))
+                  for m in models if m in RECIPE_GANS]
+        lines.append("")
     lines += ["| model | steps × batch | n | s/step (this machine) | example wall (train + FID) | "
               "disentanglement eval |", "|---|---|---|---|---|---|"]
     for m in models:

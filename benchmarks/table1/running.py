@@ -18,14 +18,18 @@ import torch
 
 from qmm_plugin.io import atomic_write_text
 
-from .config import GAN_MODELS, MANIFOLD_CLASS_KEYS, MODELS, PRIORITY, REPO, SCRIPT, Budget
+from .config import GAN_MODELS, MANIFOLD_CLASS_KEYS, MODELS, PRIORITY, RECIPE_GANS, REPO, SCRIPT, Budget
 
 
 def train_command(model: str, seed: int, b: Budget, run_dir: Path, data_dir: str | None, resume: bool) -> list[str]:
-    """The training command line of one run."""
-    script, _ = MODELS[model]
+    """The training command line of one run: its script with Appendix B's settings (``--model``), or
+    for ``b.recipe == "ours"`` the script and flags of :data:`RECIPE_GANS`."""
+    if b.recipe == "ours":
+        script, flags = RECIPE_GANS[model]
+    else:
+        script, flags = MODELS[model][0], ("--model", model)
     steps = b.steps(model)
-    cmd = [sys.executable, str(script), "--model", model, "--seed", str(seed), "--out", str(run_dir),
+    cmd = [sys.executable, str(script), *flags, "--seed", str(seed), "--out", str(run_dir),
            "--no-progress", "--device", "cpu"]
     if data_dir is not None:
         cmd += ["--data-dir", data_dir]
@@ -141,7 +145,8 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
 def _done(rows: list[dict[str, Any]], model: str, seed: int, b: Budget) -> bool:
     key = b.eval_key()
     return any(r["model"] == model and r["seed"] == seed and r["steps"] == _expected_steps(model, b)
-               and all(r.get(k) == v for k, v in key.items()) for r in rows)
+               and r.get("recipe", "paper") == b.recipe and all(r.get(k) == v for k, v in key.items())
+               for r in rows)
 
 
 def run_one(model: str, seed: int, b: Budget, out: Path, data_dir: str | None, threads: int, tag: str
@@ -164,7 +169,7 @@ def run_one(model: str, seed: int, b: Budget, out: Path, data_dir: str | None, t
     rows = json.loads((run_dir / "metrics.json").read_text())["rows"]
     wall = json.loads((run_dir / "study_wall.json").read_text())["seconds"]
     print(f"{tag}: dis slant {dis['dis_slant']:.2f}, width {dis['dis_width']:.2f} ({eval_s:.0f} s)", flush=True)
-    return {"model": model, "seed": seed, "preset": b.preset, "steps": _expected_steps(model, b),
+    return {"model": model, "seed": seed, "preset": b.preset, "recipe": b.recipe, "steps": _expected_steps(model, b),
             "batch_size": b.batch_size if not b.smoke else None, **b.eval_key(),
             "mnist_fid": final["mnist_fid"], "fid_test_images": final.get("mnist_fid_test_images"),
             "fid_real_train_vs_test": final.get("mnist_fid_real_train_vs_test"),

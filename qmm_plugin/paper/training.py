@@ -473,6 +473,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def sampled_generator_state(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The generator weights a checkpoint's samples come from: those of its moving average of G
+    (``modules["ema"]``, a :class:`torch.optim.swa_utils.AveragedModel` state, whose ``module.``
+    prefix is dropped) when the run kept one (``examples/mnist_qwgan.py --ema``), else
+    ``modules["generator"]``. Load the result into the bare generator."""
+    modules = ckpt["modules"]
+    if "ema" not in modules:
+        return dict(modules["generator"])
+    return {k.removeprefix("module."): v for k, v in modules["ema"].items() if k.startswith("module.")}
+
+
 def load_checkpoint(out: Path, d: Dist, expect: dict[str, Any]) -> dict[str, Any]:
     """Load ``out/checkpoint.pt`` for ``--resume``; check it belongs to this kind of run.
 
