@@ -8,9 +8,11 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "reproduce_table1.py"
@@ -101,3 +103,53 @@ def test_manifold_class_table_is_the_mean_over_seeds_and_absent_without_reports(
     old = [{k: v for k, v in r.items() if k != "manifold_classes"} for r in rows]  # rows that carry no report
     assert "Manifold-class report" not in reporting.render_tables(old, budget, ["wgan", "qwgan"], REPO,
                                                                   {"results": "r.jsonl"}, "cmd")
+
+
+def test_recipe_study_trains_each_gan_with_the_main_examples_recipe(tmp_path: Path) -> None:
+    config, _ = _table1_reporting()
+    import table1.running as running
+
+    smoke, full = config.PRESETS["smoke"], config.PRESETS["full"]
+    recipe = config.PRESETS["recipe"]
+    assert recipe.recipe == "ours" and full.recipe == "paper" and smoke.recipe == "paper"
+
+    def cmd(model: str, b: config.Budget) -> list[str]:
+        line = running.train_command(model, 0, b, tmp_path / model, None, resume=False)
+        return [Path(line[1]).relative_to(REPO).as_posix(), *line[2:]]
+
+    assert cmd("qwgan", recipe)[:1] == ["examples/mnist_qwgan.py"] and "--model" not in cmd("qwgan", recipe)
+    assert cmd("qwgan-l0", recipe)[:3] == ["examples/mnist_qwgan.py", "--lam", "0"]
+    assert cmd("wgan", recipe)[:5] == ["examples/mnist_qwgan.py", "--num-biases", "1", "--info", "0"]
+    assert cmd("dmwgan", recipe)[:5] == ["benchmarks/table1/train_gan.py", "--model", "dmwgan", "--beta1", "0.5"]
+    for model in config.GAN_MODELS:  # Appendix B's settings: the study's trainer, --model, default β1
+        assert cmd(model, full)[:3] == ["benchmarks/table1/train_gan.py", "--model", model]
+        script_and_flags = cmd(model, replace(full, recipe="ours"))
+        assert script_and_flags[:script_and_flags.index("--seed")] == cmd(model, recipe)[:script_and_flags.index("--seed")]
+    steps = cmd("qwgan", recipe)
+    assert steps[steps.index("--steps") + 1] == "2400" and steps[steps.index("--batch-size") + 1] == "32"
+
+    # a finished run of the other recipe is not this study's result
+    row = {"model": "qwgan", "seed": 0, "steps": 2400, **recipe.eval_key()}
+    assert running._done([{**row, "recipe": "ours"}], "qwgan", 0, recipe)
+    assert not running._done([{**row, "recipe": "paper"}], "qwgan", 0, recipe)
+    assert not running._done([row], "qwgan", 0, recipe)  # rows without the key are Appendix B's
+
+
+def test_recipe_study_refuses_the_vaes() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--recipe", "--models", "qwgan,qbvae"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--models qbvae: the recipe is the GANs'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_recipe_study_smoke_scores_the_moving_average(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--gan-recipe", "ours", "--data-dir", "embedded",
+           "--models", "qwgan", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert row["recipe"] == "ours" and row["model"] == "qwgan"
+    assert "examples/mnist_qwgan.py" in (out / "qwgan_s0" / "train.log").read_text()
+    assert math.isfinite(row["mnist_fid"]) and row["dis_slant"] >= 1.0 and row["manifold_classes"] is not None
+    assert "ema" in torch.load(out / "qwgan_s0" / "checkpoint.pt", weights_only=False)["modules"]

@@ -28,6 +28,7 @@ from qmm_plugin.paper.training import (
     prepare_output_dir,
     read_checkpoint,
     resume_settings,
+    sampled_generator_state,
     save_checkpoint,
     setup_distributed,
 )
@@ -346,3 +347,31 @@ def test_flat_run_loop_reports_logs_and_stops(tmp_path: Path, capsys: pytest.Cap
             run.record({"step": step, "loss": float("nan") if step == 5 else 1.0}, step)
     assert stop.value.code == NONFINITE_EXIT and run.last_good == 4         # step 5 wrote nothing
     assert "not finite" in capsys.readouterr().err
+
+
+def test_sampled_generator_state_is_the_moving_average_when_the_run_kept_one() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    import qmm_plugin
+    from qmm_plugin.paper.models import MNISTGenerator
+
+    torch.manual_seed(0)
+    g = qmm_plugin.convert(MNISTGenerator(z_dim=8), num_biases=3)
+    ema = AveragedModel(g, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+    ema.update_parameters(g)  # the first update copies G; the second averages
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+    ema.update_parameters(g)
+    plain = sampled_generator_state({"modules": {"generator": g.state_dict()}})
+    assert plain.keys() == g.state_dict().keys() and all(torch.equal(plain[k], v) for k, v in g.state_dict().items())
+
+    averaged = sampled_generator_state({"modules": {"generator": g.state_dict(), "ema": ema.state_dict()}})
+    assert averaged.keys() == g.state_dict().keys()  # no "module." prefix, no n_averaged
+    fresh = qmm_plugin.convert(MNISTGenerator(z_dim=8), num_biases=3)
+    fresh.load_state_dict(averaged)
+    bank = "model.fc.0.bias_bank"
+    torch.testing.assert_close(fresh.state_dict()[bank], g.state_dict()[bank] - 0.5)  # halfway between the last two
