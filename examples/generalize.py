@@ -53,7 +53,7 @@ def load_generator(path: Path | None, device: torch.device) -> qmm_plugin.Quotie
     model = ckpt.get("settings", {}).get("model")
     if model not in ("qwgan", "qwgan-l0", "wgan"):
         raise SystemExit(f"error: {path} holds a '{model}' model; generalize.py needs a converted generator "
-                         "from mnist_qwgan.py --model qwgan (or qwgan-l0 / wgan)")
+                         "from examples/mnist_qwgan.py or benchmarks/table1/train_gan.py --model qwgan|qwgan-l0|wgan")
     state = C.sampled_generator_state(ckpt)  # the moving average of G when the run kept one (--ema)
     a = state["model.fc.0.bias_bank"].shape[0]
     q = qmm_plugin.convert(MNISTGenerator(z_dim=Z_DIM), num_biases=a)
