@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "without --recipe / --gan-recipe ours, or leave them out of --models")
     if args.data_dir == "embedded":
         args.data_dir = None
-    elif not Path(args.data_dir).is_dir():
+    elif not Path(args.data_dir).is_dir() and args.evaluate_run is None:  # an evaluation's payload names its data
         p.error(f"--data-dir {args.data_dir} does not exist; pass the folder with the MNIST idx files, or "
                 "--data-dir embedded for the small subset inside qmm_plugin")
     default_out = preset if b.recipe == PRESETS[preset].recipe else f"{preset}-{b.recipe}"

@@ -153,3 +153,16 @@ def test_recipe_study_smoke_scores_the_moving_average(tmp_path: Path) -> None:
     assert "examples/mnist_qwgan.py" in (out / "qwgan_s0" / "train.log").read_text()
     assert math.isfinite(row["mnist_fid"]) and row["dis_slant"] >= 1.0 and row["manifold_classes"] is not None
     assert "ema" in torch.load(out / "qwgan_s0" / "checkpoint.pt", weights_only=False)["modules"]
+
+
+def test_an_evaluation_subprocess_takes_its_data_from_the_payload(tmp_path: Path) -> None:
+    """The study's ``--evaluate-run`` child gets no --data-dir: the default folder need not exist
+    (a clone without ../shared), the payload names the data; a study still refuses a missing folder."""
+    _table1_reporting()
+    import reproduce_table1
+
+    missing = str(tmp_path / "no_mnist_here")
+    args = reproduce_table1.parse_args(["--evaluate-run", str(tmp_path), "--payload", "{}", "--data-dir", missing])
+    assert args.evaluate_run == str(tmp_path)
+    with pytest.raises(SystemExit):
+        reproduce_table1.parse_args(["--smoke", "--data-dir", missing])
