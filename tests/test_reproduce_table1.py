@@ -105,6 +105,22 @@ def test_manifold_class_table_is_the_mean_over_seeds_and_absent_without_reports(
                                                                   {"results": "r.jsonl"}, "cmd")
 
 
+def test_spread_table_takes_the_checkpoints_tangential_spread_before_the_training_log() -> None:
+    config, reporting = _table1_reporting()
+    budget = config.PRESETS["recipe"]
+    base = {"steps": 10, "batch_size": 8, "mnist_fid": 50.0, "dis_slant": 1.5, "dis_width": 1.5,
+            "sec_per_step": 0.1, "example_wall_s": 10.0, "dis_eval_s": 5.0}
+    rows = [{**base, "model": "qwgan", "seed": s, "tangential_spread": {"fc.0": 9.0}} for s in (0, 1)]
+    rows += [{**base, "model": "qwgan-l0", "seed": 0, "tangential_spread": {"fc.0": 3.0}}]
+    structure = {"qwgan": [{"diversity": 1.0, "bias_spread": {"fc.0": 8.0}, "tangential_spread": {"fc.0": 1e-2}},
+                           {"diversity": 1.0, "bias_spread": {"fc.0": 2.0}, "tangential_spread": {"fc.0": 1e-4}}],
+                 "qwgan-l0": [{"diversity": 0.5}]}  # no spread from the checkpoint: the log's is shown
+    text = reporting.render_tables(rows, budget, ["qwgan", "qwgan-l0"], REPO, {"results": "r.jsonl"}, "cmd",
+                                   structure)
+    assert "| Q-WGAN | fc.0: 0.001 | fc.0: 4 | 1.000 ± 0.000 |" in text, text  # geometric means
+    assert "| Q-WGAN λ=0 | fc.0: 3 | — | 0.500 |" in text, text
+
+
 def test_recipe_study_trains_each_gan_with_the_main_examples_recipe(tmp_path: Path) -> None:
     config, _ = _table1_reporting()
     import table1.running as running
@@ -153,6 +169,15 @@ def test_recipe_study_smoke_scores_the_moving_average(tmp_path: Path) -> None:
     assert "examples/mnist_qwgan.py" in (out / "qwgan_s0" / "train.log").read_text()
     assert math.isfinite(row["mnist_fid"]) and row["dis_slant"] >= 1.0 and row["manifold_classes"] is not None
     assert "ema" in torch.load(out / "qwgan_s0" / "checkpoint.pt", weights_only=False)["modules"]
+    # the report's spread table reads the sampled (moving-average) generator's banks
+    _, reporting = _table1_reporting()
+    from table1.evaluating import load_generator
+    from qmm_plugin.regularizer import tangential_spread
+
+    structure = reporting.manifold_structure("qwgan", out / "qwgan_s0")
+    g = load_generator("qwgan", out / "qwgan_s0")
+    assert structure["tangential_spread"] == tangential_spread(g.multi_bias_layers())
+    assert set(structure["tangential_spread"]) == set(structure["bias_spread"]) == set(g.multi_bias_layers())
 
 
 def test_an_evaluation_subprocess_takes_its_data_from_the_payload(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from qmm_plugin.paper.gan_families import make_family
 from qmm_plugin.paper.metrics import disentanglement_score
 from qmm_plugin.paper.training import sampled_generator_state
 from qmm_plugin.paper.vae_em import Z_DIM
+from qmm_plugin.regularizer import tangential_spread
 
 from .config import Budget, EXAMPLES, GAN_MODELS, REPO
 
@@ -161,6 +162,8 @@ def _copy_grids(pngs: list[Path], dest: Path, model: str, tag: str) -> list[Path
 def manifold_structure(model: str, run_dir: Path, n: int = 64, seed: int = 0) -> dict[str, Any] | None:
     """How distinct a trained run's manifolds are (from its checkpoint; ``None`` for A = 1).
 
+    * ``tangential_spread``: per converted layer, the exact tr cov_i(a_par^(i)) of the trained
+      bank (:func:`qmm_plugin.regularizer.tangential_spread`; what R_BA drives down);
     * ``bias_spread``: per converted layer, the *total* spread tr cov_i(a^(i)) of the bias bank
       (tangential + normal parts; compare with the tangential spread);
     * ``diversity``: for the same codes z, the mean pixel distance between the images of two
@@ -185,6 +188,7 @@ def manifold_structure(model: str, run_dir: Path, n: int = 64, seed: int = 0) ->
     within = (imgs - imgs.roll(1, dims=1)).norm(dim=2).mean()
     out: dict[str, Any] = {"diversity": float(between / within)}
     if bank_model is not None:
-        out["bias_spread"] = {p: float(m.bias_bank.detach().double().var(0).sum())
-                              for p, m in bank_model.multi_bias_layers().items()}
+        layers = bank_model.multi_bias_layers()
+        out["tangential_spread"] = tangential_spread(layers)
+        out["bias_spread"] = {p: float(m.bias_bank.detach().double().var(0).sum()) for p, m in layers.items()}
     return out

@@ -212,7 +212,7 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
     def gmean(values: list[float]) -> float:
         return math.exp(statistics.fmean(math.log(max(v, 1e-300)) for v in values))
 
-    if any(r["tangential_spread"] for r in rows) or structure:
+    if any(r.get("tangential_spread") for r in rows) or structure:
         lines += ["Bias banks and manifolds at the end of training (geometric mean over seeds for the spreads, "
                   "mean ± std for the diversity). Tangential spread tr cov(a_par) is what R_BA drives down; the "
                   "total spread tr cov(a) includes the normal parts that make the manifolds differ; diversity = "
@@ -221,12 +221,13 @@ def render_tables(rows: list[dict[str, Any]], b: Budget, models: Sequence[str], 
                   "| model | tangential spread per layer | total bias spread per layer | manifold diversity |",
                   "|---|---|---|---|"]
         for m in models:
-            rs = [r for r in per_model[m] if r["tangential_spread"]]
             st = structure.get(m, [])
-            if not rs and not st:
+            # the sampled generator's checkpoint where the report could load it, else the training log
+            spreads = ([x["tangential_spread"] for x in st if "tangential_spread" in x]
+                       or [r["tangential_spread"] for r in per_model[m] if r.get("tangential_spread")])
+            if not spreads and not st:
                 continue
-            tang = ", ".join(f"{k}: {gmean([r['tangential_spread'][k] for r in rs]):.3g}"
-                             for k in sorted(rs[0]["tangential_spread"])) if rs else "—"
+            tang = ", ".join(f"{k}: {gmean([x[k] for x in spreads]):.3g}" for k in sorted(spreads[0])) if spreads else "—"
             banks = [x["bias_spread"] for x in st if "bias_spread" in x]
             total = ", ".join(f"{k}: {gmean([x[k] for x in banks]):.3g}" for k in sorted(banks[0])) if banks else "—"
             div = _fmt([x["diversity"] for x in st], 3) if st else "—"
