@@ -7,29 +7,17 @@ r"""Q-WGAN on MNIST: ten manifolds that share every weight, one digit class per 
     python examples/mnist_qwgan.py --num-biases 1 --info 0   # a plain GAN under the same recipe
     python examples/mnist_qwgan.py --resume --steps 4000     # continue a run
 
-The lines marked ``# QMM:`` are all QMM adds to a GAN loop. The model is the paper's (Appendix B:
-MNIST generator, z = 8, converted to A = 10 bias banks; spectrally normalised critic without
-BatchNorm). ``--preset`` chooses what the paper leaves open:
-
-=========  ===================================================================================
-ours       hinge loss, Adam β1 = 0.5, the generator's learning rate 5 times the critic's
-           (1e-3 and 2e-4, as InfoGAN's), samples drawn from an exponential moving average of
-           G's weights (``--ema 0.995``), every batch holds each manifold equally often, and a
-           *manifold-recovery* term of ours (``--info``): a linear head on the critic's last
-           hidden features predicts the manifold index of a fake, and its cross-entropy trains
-           the head and the generator (as InfoGAN's categorical code and DMWGAN's posterior do),
-           so each manifold must draw something the critic can tell apart from the others.
-paper      Wasserstein loss, Adam default betas, one learning rate (2e-4), samples from G itself,
-           manifolds drawn uniformly, no recovery term.
-=========  ===================================================================================
-
-Every sample grid (``samples_step{N}.png``: one row per manifold, one shared z per column, each
-row labelled with its majority class) comes with the manifold-class report, computed with the
-bundled MNIST classifier on 100 samples per manifold: NMI(manifold; class), purity, distinct
-majority classes, share of confidently classified samples, smallest class share and
-within-manifold diversity (``qmm_plugin.paper.manifold_classes``). ``metrics.json`` holds the
-logged rows and the final report and MNIST-FID; ``checkpoint.pt`` is written atomically and
-``--resume`` continues exactly; Ctrl-C writes it before exiting.
+The lines marked ``# QMM:`` are all QMM adds to a GAN loop; ``# ours:`` marks the
+manifold-recovery term, an extension of ours (a linear head on the critic's features predicts
+which manifold drew a fake; its cross-entropy trains the head and G). The model is the paper's
+(Appendix B: MNIST generator, z = 8, A = 10; spectrally normalised critic without BatchNorm).
+``--preset paper`` is Appendix B's training (Wasserstein loss, Adam's default betas, one learning
+rate, manifolds drawn at random); ``ours`` (default) uses hinge loss, β1 = 0.5, G's learning rate
+5 × the critic's, balanced manifolds per batch, the recovery term and samples from a moving
+average of G (``PRESETS``). Each sample grid ``samples_step{N}.png`` (rows: manifolds labelled
+with their majority class; columns: shared z) comes with the manifold-class report
+(``qmm_plugin.paper.manifold_classes``); ``metrics.json`` keeps it with the losses and the final
+MNIST-FID; ``checkpoint.pt`` is written atomically (also on Ctrl-C) and ``--resume`` continues.
 """
 
 from __future__ import annotations
