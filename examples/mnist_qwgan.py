@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=None,
                    help="decay of the moving average of G that is sampled; 0: sample G itself (preset's)")
     p.add_argument("--report-samples", type=int, default=100, help="samples per manifold for the report")
-    C.add_common_args(p, out="runs/mnist_qwgan", steps=2400, batch_size=32, sample_every=600,
+    C.add_common_args(p, out="runs/mnist_qwgan", steps=3000, batch_size=32, sample_every=600,
                       ckpt_every=300, fid_samples=2000)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
