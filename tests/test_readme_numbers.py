@@ -46,6 +46,10 @@ def test_main_job_run_succeeded_on_the_readme_command() -> None:
     assert run["returncode"] == 0
     assert run["command"] == first_line.split("#", 1)[0].strip()
     assert metrics["final"]["steps"] == metrics["rows"][-1]["step"]
+    # the committed run trained as long as the example does by default
+    default = re.search(r'add_common_args\(p, out="runs/mnist_qwgan", steps=(\d+)',
+                        (REPO / "examples" / "mnist_qwgan.py").read_text())
+    assert default is not None and metrics["final"]["steps"] == int(default.group(1))
 
 
 def test_readme_main_job_numbers_come_from_the_committed_run() -> None:
