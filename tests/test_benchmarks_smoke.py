@@ -94,12 +94,12 @@ def test_qbvae_separation_runs_collects_and_skips_finished_cells(tmp_path: Path,
     argv = ["--smoke", "--steps", "2", "--runs", str(runs), "--results", str(results), "--jobs", "2"]
     assert sep.main(argv) == 0
     first = capsys.readouterr().out
-    for cell in sep.DEFAULT_CELLS:
+    for cell in sep.CELLS:
         m = json.loads((results / f"{cell}_s0.json").read_text())
         nmi = m["final"]["report"]["nmi"]
         assert f"| {cell} | 2 | {nmi:.3f} |" in first  # the table's numbers come from the copied file
         assert (results / f"{cell}_s0.png").is_file()
-    stamps = {c: (runs / f"{c}_s0" / "checkpoint.pt").stat().st_mtime_ns for c in sep.DEFAULT_CELLS}
+    stamps = {c: (runs / f"{c}_s0" / "checkpoint.pt").stat().st_mtime_ns for c in sep.CELLS}
     assert sep.main(argv) == 0  # finished cells are collected again, not retrained
-    assert {c: (runs / f"{c}_s0" / "checkpoint.pt").stat().st_mtime_ns for c in sep.DEFAULT_CELLS} == stamps
+    assert {c: (runs / f"{c}_s0" / "checkpoint.pt").stat().st_mtime_ns for c in sep.CELLS} == stamps
     assert json.loads((results / "kmeans_reference_s0.json").read_text())["distinct_majorities"] >= 1
